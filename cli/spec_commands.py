@@ -1,0 +1,65 @@
+"""`flashops validate`, `flashops crds`, `flashops version`: the spec-level commands."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+import typer
+from rich.console import Console
+
+EXIT_USAGE = 2
+out = Console()
+err = Console(stderr=True)
+
+
+def validate(
+    files: List[Path] = typer.Option(..., "--file", "-f", help="YAML file(s); multi-document files are fine"),
+) -> None:
+    """Check job specs without a cluster: one line per object, exit 2 on the first bad file.
+
+    Example:
+        flashops validate -f examples/quickstart.yaml -f examples/rl.yaml
+    """
+    from flashops.api.spec import SpecError, load_file
+
+    failed = False
+    for f in files:
+        try:
+            objs = load_file(f)
+        except SpecError as e:
+            failed = True
+            for line in e.problems:
+                err.print(line, markup=False, highlight=False, soft_wrap=True)
+            continue
+        for o in objs:
+            extra = f" stage={o.spec.stage}" if o.kind == "TrainingRun" else (
+                f" stages={'->'.join(s.name for s in o.spec.stages)}" if o.kind == "TrainingPipeline" else f" source={o.spec.source}")
+            out.print(f"{f.name}: {o.kind}/{o.name}: OK{extra}", markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(EXIT_USAGE)
+
+
+def crds() -> None:
+    """Print the CustomResourceDefinitions generated from the spec models.
+
+    Example:
+        flashops crds | kubectl apply -f -
+    """
+    from flashops.api.crds import crds_yaml
+
+    typer.echo(crds_yaml(), nl=False)
+
+
+def version() -> None:
+    """Print the flashops version and the API group/version it serves."""
+    from importlib.metadata import version as v
+
+    from flashops.api.spec import API_GROUP_VERSION
+
+    typer.echo(f"flashops {v('flashops')} ({API_GROUP_VERSION})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(validate)
+    app.command()(crds)
+    app.command()(version)
