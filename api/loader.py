@@ -138,13 +138,15 @@ def _fields_at(model: type[BaseModel], loc: list[Any]) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
-        if isinstance(cur, type) and issubclass(cur, BaseModel):
-            field = next((f for n, f in cur.model_fields.items() if part in (n, f.alias)), None)
-            if field is None:
-                return []
-            cur = _model_of(field.annotation)
-        else:
+        candidates = cur if isinstance(cur, list) else [cur]
+        field = next(
+            (f for m in candidates if isinstance(m, type) and issubclass(m, BaseModel)
+             for n, f in m.model_fields.items() if part in (n, f.alias)),
+            None,
+        )
+        if field is None:
             return []
+        cur = _model_of(field.annotation)
     if isinstance(cur, list):  # a union of spec variants: the union of their fields
         return sorted({f.alias or n for m in cur for n, f in m.model_fields.items()})
     if isinstance(cur, type) and issubclass(cur, BaseModel):
