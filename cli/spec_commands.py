@@ -13,15 +13,20 @@ err = Console(stderr=True)
 
 
 def validate(
-    files: List[Path] = typer.Option(..., "--file", "-f", help="YAML file(s); multi-document files are fine"),
+    files: List[Path] = typer.Option([], "--file", "-f", help="YAML file(s); multi-document files are fine"),
+    more: List[Path] = typer.Argument(None, help="more files (so `-f examples/*.yaml` works)", show_default=False),
 ) -> None:
-    """Check job specs without a cluster: one line per object, exit 2 on the first bad file.
+    """Check job specs without a cluster: one line per object; exit 2 if any object is bad.
 
     Example:
-        flashops validate -f examples/quickstart.yaml -f examples/rl.yaml
+        flashops validate -f examples/*.yaml
     """
     from flashops.api.spec import SpecError, load_file
 
+    files = [*files, *(more or [])]
+    if not files:
+        err.print("no files given: use flashops validate -f FILE [FILE...]")
+        raise typer.Exit(EXIT_USAGE)
     failed = False
     for f in files:
         try:
