@@ -1,0 +1,57 @@
+"""The `flashops` command: exit codes and output of the spec commands, through the real entry point."""
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+FLASHOPS = [str(Path(sys.executable).parent / "flashops")]
+
+
+def flashops(*args, cwd=ROOT):
+    return subprocess.run([*FLASHOPS, *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_validate_prints_one_ok_line_per_object():
+    files = sorted(str(p) for p in (ROOT / "examples").glob("*.yaml"))
+    out = flashops("validate", "-f", *files)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    n_objects = sum(1 for f in files for d in yaml.safe_load_all(Path(f).read_text()) if d)
+    assert len(lines) == n_objects and all(": OK" in line for line in lines)
+
+
+def test_validate_bad_stage_exits_2_with_the_message(tmp_path):
+    bad = tmp_path / "quickstart.yaml"
+    bad.write_text((ROOT / "examples" / "quickstart.yaml").read_text().replace("stage: sft", "stage: stf", 1))
+    out = flashops("validate", "-f", str(bad))
+    assert out.returncode == 2
+    assert ("quickstart.yaml: TrainingPipeline/quickstart: spec.stages[1].spec.stage: "
+            "'stf' is not one of pretrain, sft, dpo, rl") in out.stderr
+
+
+def test_validate_usage_errors_exit_2(tmp_path):
+    assert flashops("validate").returncode == 2
+    missing = flashops("validate", "-f", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "cannot read the file" in missing.stderr
+    assert flashops("no-such-command").returncode == 2
+
+
+def test_crds_command_prints_loadable_crds():
+    out = flashops("crds")
+    assert out.returncode == 0
+    kinds = [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(out.stdout)]
+    assert kinds == ["TrainingRun", "TrainingPipeline", "ModelDeployment"]
+
+
+def test_help_teaches_with_examples():
+    out = flashops("--help")
+    assert out.returncode == 0 and "flashops validate -f examples/quickstart.yaml" in out.stdout
+    out = flashops("validate", "--help")
+    assert "Example" in out.stdout and "flashops validate -f examples/*.yaml" in out.stdout
+
+
+def test_version():
+    out = flashops("version")
+    assert out.returncode == 0 and out.stdout.startswith("flashops ") and "flashops.dev/v1alpha1" in out.stdout
