@@ -13,6 +13,8 @@ FOLDERS = ["api", "model", "trainers", "serving", "operator", "storage", "cli"]
 
 packages, package_dir = [], {}
 for folder in FOLDERS:
+    if not (ROOT / folder).is_dir():
+        continue
     for d in sorted([ROOT / folder, *(p for p in (ROOT / folder).rglob("*") if p.is_dir())]):
         if "__pycache__" in d.parts or not any(d.glob("*.py")) and d != ROOT / folder:
             continue
