@@ -1,0 +1,50 @@
+"""Workarounds for running torchtitan 0.3.0's deepseek_v3 components on CPU with torch 2.13. The ONE place
+for them; each says why and when it can go.
+
+1. `grouped_mm`: torchtitan's GroupedExperts casts to bf16 for `torch._grouped_mm` (a CUDA kernel
+   requirement). On CPU the fp32 kernel exists and is faster, but its backward rejects expanded
+   (stride-0) output gradients, e.g. from `y.sum().backward()` ("Invalid strides/sizes, got [0, 0]").
+   We pass the gradient through `contiguous()` first.
+   Remove when torch's CPU `_grouped_mm` backward accepts non-contiguous grads.
+2. `flex_attention_eager`: torchtitan calls a class-level `torch.compile(flex_attention, max_autotune)`,
+   which needs triton kernels; on CPU flex must run eagerly (and unfused, which is why the CPU default
+   is SDPA). Remove when torchtitan gates its compiled flex on the device.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: D401 - identity
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`a @ b_t[e]` for each expert's row block (ends at offs[e]); CPU runs in the weights' dtype."""
+    if a.is_cuda:  # torchtitan's path: the CUDA kernel wants bf16
+        return torch._grouped_mm(a.bfloat16(), b_t.bfloat16(), offs=offs)
+    out = torch._grouped_mm(a.to(b_t.dtype), b_t, offs=offs)
+    return _ContiguousGrad.apply(out) if out.requires_grad else out
+
+
+def flex_attention_eager(q, k, v, block_mask, scale):
+    """(B, L, H, D) layout in and out, like torchtitan's FlexAttention module."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def sdpa(q, k, v, *, mask, is_causal, scale):
+    """(B, L, H, D) layout in and out. MLA's value head (128) differs from its query/key head (192); fine for SDPA."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal, scale=scale
+    )
+    return out.transpose(1, 2)

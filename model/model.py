@@ -1,0 +1,489 @@
+"""JoyAI-Flash: torchtitan's DeepSeek-V3 model with JoyAI-Flash's choices, a KV cache and MTP drafting.
+
+    from flashops.model import JoyAIFlash, get_config
+    model = JoyAIFlash(get_config("joyai-flash-debug"))
+    out = model(tokens)                          # ModelOutput(logits, mtp_logits, hidden)
+    cache = model.new_cache(batch=1, max_len=256)
+    out = model(prompt, cache=cache, start_pos=0)  # then model(next_tok, cache=cache, start_pos=len(prompt))
+    draft = model.draft(out.hidden, next_tok, k=3, cache=cache, start_pos=len(prompt) - 1)
+
+What comes from torchtitan (torchtitan.models.deepseek_v3 / common): the model and block classes, MLA
+attention's projections and RoPE, the MoE (sigmoid router with a selection-only bias, grouped experts,
+shared expert, token dispatch incl. expert parallelism), the MTP block layout, parameter init, FSDP/EP
+sharding. What we add: an attention forward with an MLA latent KV cache and an SDPA path (CPU default),
+an fp32 router with route normalisation x 2.5, experts that run fp32 on CPU and fake-quantize for QAT,
+a DENSE MTP layer with a recursive draft path, and aux-loss-free bias updates at a configurable rate.
+
+MTP alignment: `mtp_logits[:, i]` predicts the SAME target as `logits[:, i]` (tokens[:, i+1]), computed
+by the MTP layer from the main hidden state at i-1 and the embedding of tokens[:, i] (the paper's
+h'_{i-1} = eh_proj([enorm(emb(t_i)); hnorm(h_{i-1})])). So every output is causal, and
+`mtp_logits[:, 0]` is zeros (no previous hidden state): leave position 0 out of the MTP loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+from torchtitan.models.common.config_utils import make_ffn_config
+from torchtitan.models.common.moe import GroupedExperts, MoE, TokenChoiceTopKRouter
+from torchtitan.models.common.param_init import depth_scaled_std
+from torchtitan.models.deepseek_v3 import build_mla_moe_layers
+from torchtitan.models.deepseek_v3.model import Attention, DeepSeekV3Model, DeepSeekV3TransformerBlock
+from torchtitan.models.deepseek_v3.mtp import MTPTransformerBlock
+
+from flashops.model import _torchtitan_compat as compat
+from flashops.model.config import JoyAIConfig
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # (B, L, V): logits[:, i] predicts tokens[:, i+1]
+    mtp_logits: torch.Tensor | None  # (B, L, V), same targets, from the MTP layer; [:, 0] is zeros
+    hidden: torch.Tensor  # (B, L, D) last main-layer output before the final norm (the MTP/draft input)
+
+
+class DraftOutput(NamedTuple):
+    tokens: torch.Tensor  # (B, k) drafted tokens following the last input token
+    logits: torch.Tensor  # (B, k, V) the MTP logits each draft was chosen from
+    hidden: torch.Tensor  # (B, 1, D) the MTP hidden state after the last draft
+
+
+@dataclass
+class LayerCache:
+    """MLA caches the compressed latent (kv_lora_rank) and the roped key part per position, not K/V."""
+
+    c_kv: torch.Tensor  # (B, max_len, kv_lora_rank), after kv_norm
+    k_pe: torch.Tensor  # (B, max_len, qk_rope_head_dim), after RoPE
+
+
+@dataclass
+class KVCache:
+    layers: list[LayerCache]
+    mtp: LayerCache | None
+    max_len: int
+
+    def check(self, start_pos: int, length: int, batch: int) -> None:
+        if start_pos < 0 or start_pos + length > self.max_len:
+            raise ValueError(
+                f"cache positions {start_pos}..{start_pos + length - 1} do not fit max_len={self.max_len}; "
+                f"create the cache with model.new_cache(batch, max_len >= {start_pos + length})"
+            )
+        if batch > self.layers[0].c_kv.shape[0]:
+            raise ValueError(f"batch {batch} exceeds the cache's batch {self.layers[0].c_kv.shape[0]}")
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+
+class MLAttention(Attention):
+    """torchtitan's MLA (same parameters), with a latent KV cache and an SDPA path for CPU."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(Attention.Config):
+        backend: str = "sdpa"  # "sdpa" or "flex"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.backend = config.backend
+
+    def forward(self, x, attention_masks=None, positions=None, cache: LayerCache | None = None, start_pos: int = 0):
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(bsz, seqlen, -1, self.qk_head_dim)
+        q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        rope_positions = positions
+        if rope_positions is None and start_pos:
+            rope_positions = torch.arange(start_pos, start_pos + seqlen, device=x.device).unsqueeze(0)
+        q_pe, k_pe = self.rope(q_pe, k_pe.unsqueeze(2), rope_positions)
+        c_kv = self.kv_norm(c_kv)
+        if cache is not None:
+            end = start_pos + seqlen
+            cache.c_kv[:bsz, start_pos:end] = c_kv.to(cache.c_kv.dtype)
+            cache.k_pe[:bsz, start_pos:end] = k_pe.squeeze(2).to(cache.k_pe.dtype)
+            c_kv, k_pe = cache.c_kv[:bsz, :end].to(x.dtype), cache.k_pe[:bsz, :end].unsqueeze(2).to(x.dtype)
+        kv_len = c_kv.shape[1]
+        kv = self.wkv_b(c_kv).view(bsz, kv_len, -1, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.expand(-1, -1, k_nope.size(2), -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+
+        if self.backend == "flex" and cache is None:
+            if x.is_cuda:
+                out = self.inner_attention(q, k, v, attention_masks=attention_masks, scale=self.softmax_scale)
+            else:
+                out = compat.flex_attention_eager(q, k, v, attention_masks, self.softmax_scale)
+        else:
+            mask, is_causal = _sdpa_mask(seqlen, kv_len, start_pos, positions, x.device)
+            out = compat.sdpa(q, k, v, mask=mask, is_causal=is_causal, scale=self.softmax_scale)
+        return self.wo(out.contiguous().view(bsz, seqlen, -1))
+
+
+def _sdpa_mask(q_len: int, kv_len: int, start_pos: int, positions, device):
+    """(mask, is_causal) for SDPA: plain causal when possible, else an explicit boolean mask."""
+    if positions is not None and positions.shape[0] > 0 and q_len == kv_len:
+        # packed documents: positions restart at 0 for each document; attend only within a document
+        doc = torch.cumsum((positions == 0).to(torch.int32), dim=1)
+        same_doc = doc.unsqueeze(2) == doc.unsqueeze(1)
+        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+        return (same_doc & causal).unsqueeze(1), False
+    if q_len == kv_len:
+        return None, True
+    q_pos = torch.arange(start_pos, start_pos + q_len, device=device)
+    return torch.arange(kv_len, device=device).unsqueeze(0) <= q_pos.unsqueeze(1), False
+
+
+# ---- MoE pieces ----------------------------------------------------------------------------------
+
+
+class JoyAIRouter(TokenChoiceTopKRouter):
+    """Sigmoid scores in fp32 whatever the model dtype; top-k by score + bias (selection only);
+    weights = the raw scores of the chosen experts, renormalised, x route_scale (2.5)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(TokenChoiceTopKRouter.Config):
+        pass
+
+    def forward(self, x_BLD, expert_bias_E=None):
+        weight = self.gate.weight
+        scores_BLE = torch.sigmoid(F.linear(x_BLD.float(), weight.float()))
+        choice_BLE = scores_BLE if expert_bias_E is None else scores_BLE + expert_bias_E.float()
+        _, topk_ids_BLK = torch.topk(choice_BLE, k=self.top_k, dim=-1, sorted=False)
+        topk_scores_BLK = scores_BLE.gather(-1, topk_ids_BLK)
+        topk_scores_BLK = topk_scores_BLK / (topk_scores_BLK.sum(-1, keepdim=True) + 1e-20) * self.route_scale
+        return topk_scores_BLK, topk_ids_BLK, scores_BLE
+
+
+class JoyAIExperts(GroupedExperts):
+    """torchtitan's grouped experts (same parameters, so EP sharding applies), computing in the weights'
+    dtype on CPU, with INT4 fake quantization of the weights when QAT is on (see qat.py)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(GroupedExperts.Config):
+        pass
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.fake_quant = None  # set by flashops.model.qat.enable_qat: callable(weight) -> weight
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ws = [w.to_local() if isinstance(w, DTensor) else w for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD)]
+        if self.fake_quant is not None:
+            ws = [self.fake_quant(w) for w in ws]
+        return ws[0], ws[1], ws[2]
+
+    def forward(self, x_RD, num_tokens_per_expert_E):
+        w1, w2, w3 = self.expert_weights()
+        offs = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+        h = F.silu(compat.grouped_mm(x_RD, w1.transpose(-2, -1), offs))
+        h = h * compat.grouped_mm(x_RD, w3.transpose(-2, -1), offs)
+        return compat.grouped_mm(h, w2.transpose(-2, -1), offs).type_as(x_RD)
+
+
+# ---- blocks --------------------------------------------------------------------------------------
+
+
+class JoyAIBlock(DeepSeekV3TransformerBlock):
+    @dataclass(kw_only=True, slots=True)
+    class Config(DeepSeekV3TransformerBlock.Config):
+        pass
+
+    def forward(self, x, attention_masks=None, positions=None, cache: LayerCache | None = None, start_pos: int = 0):
+        x = x + self.attention(self.attention_norm(x), attention_masks, positions, cache, start_pos)
+        ffn = self.moe if self.moe_enabled else self.feed_forward
+        return x + ffn(self.ffn_norm(x))
+
+
+class DenseMTPBlock(MTPTransformerBlock):
+    """h' = eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]), then one MLA block with a dense MLP.
+    Returns the pre-norm hidden (fed back when drafting recursively); the head is norm + shared lm_head."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(MTPTransformerBlock.Config):
+        pass
+
+    def forward(self, next_embed, prev_hidden, attention_masks=None, positions=None, cache=None, start_pos=0):
+        h = self.eh_proj(torch.cat([self.enorm(next_embed), self.hnorm(prev_hidden)], dim=-1))
+        h = h + self.attention(self.attention_norm(h), attention_masks, positions, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ---- config translation --------------------------------------------------------------------------
+
+
+def _retype(cfg, new_config_cls, **changes):
+    """Rebuild a torchtitan config dataclass as a subclass config (so build() makes our module)."""
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    values.update(changes)
+    return new_config_cls(**values)
+
+
+def _set_norm_eps(cfg, eps: float):
+    if isinstance(cfg, RMSNorm.Config):
+        cfg.eps = eps
+    if dataclasses.is_dataclass(cfg):
+        for f in dataclasses.fields(cfg):
+            _set_norm_eps(getattr(cfg, f.name), eps)
+    elif isinstance(cfg, list):
+        for item in cfg:
+            _set_norm_eps(item, eps)
+
+
+def resolve_attention_backend(cfg: JoyAIConfig, device: torch.device | str | None = None) -> str:
+    if cfg.attention != "auto":
+        return cfg.attention
+    return "flex" if torch.device(device or "cpu").type == "cuda" else "sdpa"
+
+
+def torchtitan_config(cfg: JoyAIConfig, attention_backend: str = "sdpa") -> DeepSeekV3Model.Config:
+    """The torchtitan DeepSeekV3Model.Config for a JoyAIConfig (our module classes swapped in)."""
+    std = cfg.init_std
+    linear_init = {"weight": partial(nn.init.trunc_normal_, std=std), "bias": nn.init.zeros_}
+    norm_init = {"weight": nn.init.ones_}
+
+    def depth_init(layer_id):
+        return {"weight": partial(nn.init.trunc_normal_, std=depth_scaled_std(std, layer_id)), "bias": nn.init.zeros_}
+
+    def experts_init(layer_id):
+        deep = partial(nn.init.trunc_normal_, std=depth_scaled_std(std, layer_id))
+        return {"w1_EFD": partial(nn.init.trunc_normal_, std=std), "w2_EDF": deep, "w3_EFD": deep}
+
+    rope = ComplexRoPE.Config(dim=cfg.qk_rope_head_dim, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta)
+    layers = build_mla_moe_layers(
+        n_layers=cfg.n_layers, n_dense_layers=cfg.n_dense_layers, dim=cfg.dim, n_heads=cfg.n_heads,
+        q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, mscale=1.0,
+        dense_hidden_dim=cfg.dense_hidden_dim, moe_hidden_dim=cfg.moe_hidden_dim, num_experts=cfg.num_experts,
+        num_shared_experts=max(cfg.num_shared_experts, 1), router_top_k=cfg.top_k, router_score_func="sigmoid",
+        router_route_scale=cfg.route_scale, router_route_norm=True, attn_backend="flex",
+        moe_comm_backend="standard", non_blocking_capacity_factor=None, linear_init=linear_init,
+        norm_init=norm_init, depth_init=depth_init, depth_experts_init=experts_init, rope=rope,
+    )
+    for i, layer in enumerate(layers):
+        layer.attention = _retype(layer.attention, MLAttention.Config, backend=attention_backend)
+        if layer.moe is not None:
+            moe = layer.moe
+            moe.load_balance_coeff = cfg.bias_update_rate or 1e-3  # keeps the bias buffer; rate used: update_router_bias
+            moe.router = _retype(moe.router, JoyAIRouter.Config)
+            moe.routed_experts.inner_experts = _retype(moe.routed_experts.inner_experts, JoyAIExperts.Config)
+            if cfg.num_shared_experts == 0:
+                moe.shared_experts = None
+        layers[i] = _retype(layer, JoyAIBlock.Config)
+
+    mtp_layers = []
+    if cfg.num_mtp_layers:
+        last = cfg.n_layers  # MTP sits after the last layer (also its HF index); depth-scaled init like one
+        attn = dataclasses.replace(layers[0].attention)
+        attn.wo = dataclasses.replace(attn.wo, param_init=depth_init(last))
+        mtp_layers.append(DenseMTPBlock.Config(
+            attention=attn,
+            feed_forward=make_ffn_config(dim=cfg.dim, hidden_dim=cfg.dense_hidden_dim, w1_param_init=linear_init,
+                                         w2w3_param_init=depth_init(last)),
+            moe=None,
+            attention_norm=RMSNorm.Config(normalized_shape=cfg.dim, param_init=norm_init),
+            ffn_norm=RMSNorm.Config(normalized_shape=cfg.dim, param_init=norm_init),
+            enorm=RMSNorm.Config(normalized_shape=cfg.dim, param_init=norm_init),
+            hnorm=RMSNorm.Config(normalized_shape=cfg.dim, param_init=norm_init),
+            eh_proj=Linear.Config(in_features=2 * cfg.dim, out_features=cfg.dim, param_init=linear_init),
+            mtp_norm=RMSNorm.Config(normalized_shape=cfg.dim, param_init=norm_init),
+        ))
+    s = cfg.dim**-0.5
+    tt = JoyAIFlash.Config(
+        vocab_size=cfg.vocab_size, dim=cfg.dim,
+        tok_embeddings=Embedding.Config(num_embeddings=cfg.vocab_size, embedding_dim=cfg.dim,
+                                        param_init={"weight": partial(nn.init.normal_, std=1.0)}),
+        norm=RMSNorm.Config(normalized_shape=cfg.dim, param_init=norm_init),
+        lm_head=Linear.Config(in_features=cfg.dim, out_features=cfg.vocab_size,
+                              param_init={"weight": partial(nn.init.trunc_normal_, std=s, a=-3 * s, b=3 * s)}),
+        layers=layers, mtp_layers=mtp_layers, arch=cfg,
+    )
+    _set_norm_eps(tt, cfg.norm_eps)
+    return tt
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+
+class JoyAIFlash(DeepSeekV3Model):
+    """JoyAIFlash(JoyAIConfig). Builds on the current default device (use torch.device("meta") to count
+    parameters without allocating); real devices get torchtitan's parameter init."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(DeepSeekV3Model.Config):
+        arch: JoyAIConfig = field(default_factory=JoyAIConfig)
+
+    def __init__(self, config: JoyAIConfig | Config, *, device: torch.device | str | None = None):
+        if isinstance(config, JoyAIConfig):
+            config.validate()
+            config = torchtitan_config(config, resolve_attention_backend(config, device))
+        super().__init__(config)
+        self.arch: JoyAIConfig = config.arch
+        self.bias_update_rate = self.arch.bias_update_rate
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_states()
+
+    # -- helpers
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.moe for b in self.layers.values() if b.moe_enabled]
+
+    @property
+    def mtp(self) -> DenseMTPBlock | None:
+        return self.mtp_layers[0] if self.mtp_layers is not None else None
+
+    def _head(self, h):
+        return self.lm_head(self.norm(h))
+
+    def _mtp_head(self, h):
+        return self.lm_head(self.mtp.mtp_norm(h))
+
+    def _masks(self, positions, batch, seqlen, device):
+        """torchtitan's block mask for the flex path (causal, per document when positions are given)."""
+        first = self.layers["0"].attention
+        if first.backend != "flex":
+            return None
+        if positions is None:
+            positions = torch.arange(seqlen, device=device).unsqueeze(0).expand(batch, -1)
+        return self.get_attention_masks(positions)
+
+    # -- forward
+    def forward(self, tokens, positions=None, cache: KVCache | None = None, start_pos: int = 0, mtp: bool = True):
+        """tokens (B, L). positions (B, L) only for packed documents (restart at 0 per document).
+        With a cache: writes positions start_pos..start_pos+L-1 and attends to everything before; no MTP."""
+        bsz, seqlen = tokens.shape
+        if cache is not None:
+            cache.check(start_pos, seqlen, bsz)
+            if positions is not None:
+                raise ValueError("positions (packed documents) is a training input; drop it when using a cache")
+        masks = self._masks(positions, bsz, seqlen, tokens.device) if cache is None else None
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers.values()):
+            h = layer(h, masks, positions, cache.layers[i] if cache is not None else None, start_pos)
+        logits = self._head(h)
+        mtp_logits = None
+        if mtp and cache is None and self.mtp is not None:
+            mtp_logits = self._mtp_train_logits(tokens, h, positions)
+        return ModelOutput(logits, mtp_logits, h)
+
+    def _mtp_train_logits(self, tokens, h, positions):
+        bsz, seqlen = tokens.shape
+        out = h.new_zeros(bsz, seqlen, self.arch.vocab_size)
+        if seqlen < 2:
+            return out
+        prev_h, next_tok = h[:, :-1], tokens[:, 1:]
+        mtp_pos = None
+        if positions is not None:
+            mtp_pos = positions[:, :-1]
+            same_doc = (positions[:, 1:] == positions[:, :-1] + 1).unsqueeze(-1)
+            prev_h = prev_h * same_doc.to(prev_h.dtype)  # no hidden state across a document boundary
+        masks = self._masks(mtp_pos, bsz, seqlen - 1, tokens.device)
+        m = self.mtp(self.tok_embeddings(next_tok), prev_h, masks, mtp_pos)
+        return torch.cat([out[:, :1], self._mtp_head(m)], dim=1)
+
+    # -- inference
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        p = next(self.parameters())
+        dtype, device = dtype or p.dtype, device or p.device
+        if max_len > self.arch.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={self.arch.max_seq_len}; "
+                             f"lower max_len or raise max_seq_len in the model config")
+
+        def one():
+            return LayerCache(torch.zeros(batch, max_len, self.arch.kv_lora_rank, dtype=dtype, device=device),
+                              torch.zeros(batch, max_len, self.arch.qk_rope_head_dim, dtype=dtype, device=device))
+
+        return KVCache([one() for _ in self.layers], one() if self.mtp is not None else None, max_len)
+
+    @torch.no_grad()
+    def draft(self, hidden, tokens, k: int, cache: KVCache | None = None, start_pos: int = 0,
+              temperature: float = 0.0, generator: torch.Generator | None = None) -> DraftOutput:
+        """Draft k tokens (k = 1..3) with the MTP layer applied recursively.
+
+        hidden (B, L, D): main-model hidden states (ModelOutput.hidden) at positions start_pos..start_pos+L-1;
+        tokens (B, L): the token that FOLLOWS each of those positions (the last one is usually just sampled).
+        The MTP cache is written at start_pos..start_pos+L-1 (+ the recursive steps, which later calls
+        overwrite). Without a cache, start_pos must be 0 and hidden/tokens must hold the whole prefix.
+        Greedy when temperature == 0, else sampled from softmax(logits / temperature)."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP layer (num_mtp_layers=0); drafting needs one")
+        if not 1 <= k <= 8:
+            raise ValueError(f"k={k}: draft between 1 and 3 tokens (the paper sees little gain above 3)")
+        bsz, length = tokens.shape
+        if cache is None:
+            if start_pos:
+                raise ValueError("without a cache, pass the whole prefix with start_pos=0")
+            cache = self.new_cache(bsz, length + k, dtype=hidden.dtype, device=hidden.device)
+        cache.check(start_pos, length + k - 1, bsz)
+        h = self.mtp(self.tok_embeddings(tokens), hidden, None, None, cache.mtp, start_pos)[:, -1:]
+        drafts, all_logits = [], []
+        pos = start_pos + length
+        for step in range(k):
+            logits = self._mtp_head(h)[:, -1].float()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            drafts.append(nxt)
+            all_logits.append(logits)
+            if step + 1 < k:
+                h = self.mtp(self.tok_embeddings(nxt), h, None, None, cache.mtp, pos)
+                pos += 1
+        return DraftOutput(torch.cat(drafts, 1), torch.stack(all_logits, 1), h)
+
+    # -- aux-loss-free balancing
+    def expert_load(self) -> torch.Tensor:
+        """(n_moe_layers, num_experts) tokens routed to each expert since the last update_router_bias()."""
+        loads = [m.tokens_per_expert_E for m in self.moe_layers]
+        loads = [t.to_local() if isinstance(t, DTensor) else t for t in loads]
+        return torch.stack(loads).detach().clone() if loads else torch.zeros(0, self.arch.num_experts)
+
+    @torch.no_grad()
+    def update_router_bias(self) -> torch.Tensor:
+        """Call after each optimizer step: nudge each expert's selection bias toward uniform load
+        (bias += rate * sign(mean_load - load), centred), then reset the counts. Sums the counts over
+        all ranks first when torch.distributed is initialised. Returns the load it used."""
+        load = self.expert_load()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and load.numel():
+            torch.distributed.all_reduce(load)
+        for i, moe in enumerate(self.moe_layers):
+            if self.bias_update_rate > 0:
+                delta = self.bias_update_rate * torch.sign(load[i].mean() - load[i])
+                bias = moe.expert_bias_E
+                bias = bias.to_local() if isinstance(bias, DTensor) else bias
+                bias.add_((delta - delta.mean()).to(bias.device))
+            counts = moe.tokens_per_expert_E
+            (counts.to_local() if isinstance(counts, DTensor) else counts).zero_()
+        return load
+
+
+def count_params(cfg: JoyAIConfig) -> dict[str, int]:
+    """Parameter counts from a model built on the meta device (no memory allocated)."""
+    with torch.device("meta"):
+        model = JoyAIFlash(cfg)
+    total = body = embeddings = mtp = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if name.startswith("mtp_layers."):
+            mtp += n
+            continue
+        total += n
+        if name in ("tok_embeddings.weight", "lm_head.weight"):
+            embeddings += n
+    routed = sum(m.routed_experts.inner_experts.w1_EFD.numel() * 3 for m in model.moe_layers)
+    active_routed = routed * cfg.top_k // cfg.num_experts
+    body = total - embeddings - routed + active_routed
+    return {
+        "total_params": total,
+        "active_params": body,
+        "active_params_with_embeddings": body + embeddings,
+        "embedding_params": embeddings,
+        "mtp_params": mtp,
+    }
