@@ -1,7 +1,7 @@
 """Wait for the S3 endpoint, then create the flashops bucket if it is missing (idempotent).
 
 Runs as the operator's init container with the same S3 environment every flashops pod gets:
-    FLASHOPS_S3_ENDPOINT FLASHOPS_S3_SECURE FLASHOPS_S3_REGION FLASHOPS_S3_CA_BUNDLE
+    FLASHOPS_S3_ENDPOINT FLASHOPS_S3_SECURE AWS_REGION FLASHOPS_S3_CA_BUNDLE
     AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY FLASHOPS_S3_BUCKET
     python /scripts/ensure-bucket.py
 """
@@ -23,7 +23,7 @@ if parts.scheme in ("http", "https") and (parts.scheme == "https") != secure:
 ca_bundle = os.environ.get("FLASHOPS_S3_CA_BUNDLE")
 http = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=ca_bundle, timeout=10, retries=False) if ca_bundle else None
 client = Minio(parts.netloc, access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-               secure=secure, region=os.environ.get("FLASHOPS_S3_REGION") or None, http_client=http)
+               secure=secure, region=os.environ.get("AWS_REGION") or None, http_client=http)
 
 deadline = time.monotonic() + float(os.environ.get("FLASHOPS_S3_WAIT_SECONDS", "300"))
 while True:

@@ -123,7 +123,7 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ include "flashops.s3Endpoint" . | quote }}
 - name: FLASHOPS_S3_SECURE
   value: {{ include "flashops.s3Secure" . | quote }}
-- name: FLASHOPS_S3_REGION
+- name: AWS_REGION
   value: {{ .Values.s3.region | quote }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
