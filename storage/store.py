@@ -1,0 +1,618 @@
+"""The checkpoint store: one interface over `file://` and `s3://`.
+
+    store = open_store("s3://ckpts/team-a")          # or file:///data/store, or None for $FLASHOPS_HOME/store
+    ref = store.save_checkpoint("run-1", 100, model.state_dict(), {"spec_hash": h})   # every rank calls
+    meta = store.load_checkpoint(store.latest("run-1"), model.state_dict())            # reshards via DCP
+
+Layout under the store root:
+    runs/<run>/step-<n>/__<rank>_<i>.distcp, .metadata   torch.distributed.checkpoint shards
+    runs/<run>/step-<n>/manifest.json                     written LAST by rank 0 (sizes + sha256 of all)
+    runs/<run>/pins/step-<n>/<by>                          retention pins (a resume, a deployment)
+    models/<name>/<version>/<files> + manifest.json        exported models for serving
+
+A checkpoint exists only when its manifest exists and lists objects that are all present with the
+recorded sizes (`latest`, `list`); `verify` and `load_checkpoint` also check every sha256.
+Everything here is torch-free except save/load, which import `flashops.storage.dcp` lazily.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Union
+from urllib.parse import urlsplit
+
+from flashops.storage.backends import FileBackend, ObjectBackend, ObjectInfo, S3Backend, sha256_of
+from flashops.storage.errors import (
+    AlreadyExistsError,
+    CheckpointNotFoundError,
+    CorruptObjectError,
+    ObjectNotFoundError,
+    StoreConfigError,
+    StoreError,
+)
+from flashops.storage.manifest import CHECKPOINT_FORMAT, MANIFEST_NAME, MODEL_FORMAT, Manifest, ObjectEntry
+from flashops.storage.settings import flashops_home, resolve_s3_settings
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_CKPT_URI = re.compile(r"^(?P<root>.+?)/runs/(?P<run>[^/]+)/step-(?P<step>\d+)/?$")
+_MODEL_URI = re.compile(r"^(?P<root>.+?)/models/(?P<name>[^/]+)/(?P<version>[^/]+)/?$")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Keys in `meta` that the manifest records as first-class fields; anything else goes under "extra".
+_META_FIELDS = ("model_config", "spec_hash", "parent", "metrics", "stage", "dataset")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    run: str
+    step: int
+    uri: str
+    manifest_sha256: str = ""
+    created: str = ""
+
+    @property
+    def manifest_hash(self) -> str:  # the name lineage uses
+        return self.manifest_sha256
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    run: str
+    step: int
+    uri: str
+    world_size: int
+    created: str
+    manifest_sha256: str
+    parent: str | None = None
+    spec_hash: str | None = None
+    model_config: dict | None = None
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    total_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    uri: str
+    manifest_sha256: str = ""
+
+    @property
+    def manifest_hash(self) -> str:
+        return self.manifest_sha256
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+@dataclass
+class VerifyReport:
+    uri: str
+    objects: int
+    total_bytes: int
+    seconds: float
+
+
+@dataclass
+class GcReport:
+    kept: list[CheckpointRef]
+    deleted: list[str]          # checkpoint URIs removed (complete ones past retention)
+    removed_partial: list[str]  # leftovers of crashed saves removed
+    dry_run: bool = False
+
+
+Ref = Union[CheckpointRef, str]
+
+
+def _check_name(what: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise StoreConfigError(
+            f"{what}={value!r} is not a valid name: use letters, digits, '.', '_' or '-' (starting with a letter "
+            "or digit), e.g. 'sft-run-3'"
+        )
+    return value
+
+
+def _check_step(step) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise StoreConfigError(f"step={step!r} must be a non-negative integer (the training step)")
+    return step
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class CheckpointStore:
+    def __init__(self, backend: ObjectBackend, uri: str):
+        self.backend = backend
+        self.uri = uri.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({self.uri!r})"
+
+    # ------------------------------------------------------------ naming
+    def checkpoint_uri(self, run: str, step: int) -> str:
+        return f"{self.uri}/runs/{run}/step-{step}"
+
+    def model_uri(self, name: str, version: str) -> str:
+        return f"{self.uri}/models/{name}/{version}"
+
+    @staticmethod
+    def _step_prefix(run: str, step: int) -> str:
+        return f"runs/{run}/step-{step}/"
+
+    def _resolve(self, ref: Ref | int, run: str | None = None) -> tuple[str, int]:
+        """A CheckpointRef, a checkpoint URI inside this store, or (with run) a step number."""
+        if isinstance(ref, CheckpointRef):
+            return ref.run, ref.step
+        if isinstance(ref, int) and run is not None:
+            return run, _check_step(ref)
+        m = _CKPT_URI.match(str(ref))
+        if not m:
+            raise StoreConfigError(
+                f"checkpoint reference {ref!r} is not a checkpoint URI: expected <store>/runs/<run>/step-<n>, "
+                f"e.g. {self.checkpoint_uri('my-run', 100)}"
+            )
+        if m["root"].rstrip("/") != self.uri:
+            raise StoreConfigError(f"checkpoint {ref!r} is not in store {self.uri}: open_store({m['root']!r}) instead")
+        return m["run"], int(m["step"])
+
+    # ------------------------------------------------------------ manifests
+    def _read_manifest(self, key: str) -> Manifest:
+        data = self.backend.get_bytes(key)
+        return Manifest.parse(bytes(data), self.backend.url(key))
+
+    def _write_manifest(self, prefix: str, manifest: Manifest) -> str:
+        data = manifest.to_bytes()
+        self.backend.put_bytes(prefix + MANIFEST_NAME, data)
+        return sha256_of(data)
+
+    def read_manifest(self, ref: Ref) -> dict:
+        """The manifest of a complete checkpoint as a dict (what `flashops checkpoints show` prints)."""
+        run, step = self._resolve(ref)
+        m = self._manifest_or_raise(run, step)
+        doc = json.loads(m.to_bytes())
+        doc["manifest_sha256"] = m.sha256
+        return doc
+
+    def _manifest_or_raise(self, run: str, step: int) -> Manifest:
+        self.backend.ensure_ready(for_write=False)
+        try:
+            return self._read_manifest(self._step_prefix(run, step) + MANIFEST_NAME)
+        except ObjectNotFoundError as e:
+            raise CheckpointNotFoundError(
+                f"no complete checkpoint at {self.checkpoint_uri(run, step)} (no {MANIFEST_NAME}: never saved, "
+                f"deleted, or a save that crashed); see `flashops checkpoints list {self.uri}`"
+            ) from e
+
+    # ------------------------------------------------------------ listing
+    def runs(self) -> list[str]:
+        if not self.backend.ensure_ready(for_write=False):
+            return []
+        names = {o.key.split("/")[1] for o in self.backend.list("runs/") if o.key.count("/") >= 2}
+        return sorted(names)
+
+    def _scan_run(self, run: str) -> tuple[list[tuple[int, Manifest | None, dict[str, int]]], dict[int, list[str]]]:
+        """Every step directory of a run (newest first) with its manifest (None if missing/unreadable)
+        and its listed objects; plus the pins per step."""
+        listing: dict[int, dict[str, int]] = defaultdict(dict)
+        pins: dict[int, list[str]] = defaultdict(list)
+        for o in self.backend.list(f"runs/{run}/"):
+            parts = o.key.split("/")
+            if len(parts) >= 5 and parts[2] == "pins" and _STEP_DIR.match(parts[3]):
+                pins[int(_STEP_DIR.match(parts[3])[1])].append(parts[4])
+                continue
+            m = _STEP_DIR.match(parts[2]) if len(parts) >= 4 else None
+            if m:
+                listing[int(m[1])]["/".join(parts[3:])] = o.size
+        steps = []
+        for step in sorted(listing, reverse=True):
+            objs = listing[step]
+            manifest = None
+            if MANIFEST_NAME in objs:
+                try:
+                    manifest = self._read_manifest(self._step_prefix(run, step) + MANIFEST_NAME)
+                except (CorruptObjectError, ObjectNotFoundError) as e:
+                    log.warning("ignoring checkpoint %s: %s", self.checkpoint_uri(run, step), e)
+            steps.append((step, manifest, objs))
+        return steps, pins
+
+    def _complete(self, run: str, step: int, manifest: Manifest | None, objs: dict[str, int], warn: bool) -> bool:
+        uri = self.checkpoint_uri(run, step)
+        if manifest is None:
+            if warn:
+                log.warning("ignoring partial checkpoint %s: no %s (a save crashed or is still running)",
+                            uri, MANIFEST_NAME)
+            return False
+        bad = [k for k, e in manifest.objects.items() if objs.get(k) != e.size]
+        if bad:
+            if warn:
+                log.warning("ignoring incomplete checkpoint %s: %d object(s) missing or of the wrong size, "
+                            "first: %s (expected %d bytes, sha256 %s)", uri, len(bad), bad[0],
+                            manifest.objects[bad[0]].size, manifest.objects[bad[0]].sha256)
+            return False
+        return True
+
+    def _ref(self, run: str, step: int, manifest: Manifest) -> CheckpointRef:
+        return CheckpointRef(run, step, self.checkpoint_uri(run, step), manifest.sha256,
+                             str(manifest.fields.get("created", "")))
+
+    def list(self, run: str | None = None) -> list[CheckpointRef]:
+        """Complete checkpoints, oldest first (per run, runs sorted by name)."""
+        runs = [_check_name("run", run)] if run is not None else self.runs()
+        if run is not None and not self.backend.ensure_ready(for_write=False):
+            return []
+        out = []
+        for r in runs:
+            steps, _ = self._scan_run(r)
+            out += [self._ref(r, s, m) for s, m, objs in reversed(steps) if self._complete(r, s, m, objs, warn=True)]
+        return out
+
+    def latest(self, run: str) -> CheckpointRef | None:
+        """The newest complete checkpoint of `run` (manifest present, every object present with its recorded
+        size), or None. Partial or damaged newer ones are skipped with a warning."""
+        _check_name("run", run)
+        if not self.backend.ensure_ready(for_write=False):
+            return None
+        steps, _ = self._scan_run(run)
+        for step, manifest, objs in steps:
+            if self._complete(run, step, manifest, objs, warn=True):
+                return self._ref(run, step, manifest)
+        return None
+
+    # ------------------------------------------------------------ verify
+    def _verify_objects(self, prefix: str, manifest: Manifest, uri: str, parallelism: int = 4) -> VerifyReport:
+        t0 = time.perf_counter()
+
+        def check(item: tuple[str, ObjectEntry]) -> None:
+            key, entry = item
+            try:
+                data = self.backend.get_bytes(prefix + key)
+            except ObjectNotFoundError as e:
+                raise CorruptObjectError(
+                    f"{self.backend.url(prefix + key)} is missing (expected {entry.size} bytes, sha256 "
+                    f"{entry.sha256}); the checkpoint {uri} is damaged: resume from an older one", key=key,
+                    expected_sha256=entry.sha256) from e
+            _check_bytes(self.backend.url(prefix + key), key, data, entry, uri)
+
+        with ThreadPoolExecutor(parallelism) as pool:
+            list(pool.map(check, manifest.objects.items()))
+        return VerifyReport(uri, len(manifest.objects), manifest.total_bytes, time.perf_counter() - t0)
+
+    def verify(self, ref: Ref) -> VerifyReport:
+        """Read every object of a checkpoint (or model URI) and check its size and sha256.
+        Raises CorruptObjectError naming the first bad object and its expected hash."""
+        if isinstance(ref, ModelRef) or _MODEL_URI.match(str(ref)) and not _CKPT_URI.match(str(ref)):
+            name, version = self._resolve_model(ref)
+            prefix = f"models/{name}/{version}/"
+            manifest = self._model_manifest_or_raise(name, version)
+            return self._verify_objects(prefix, manifest, self.model_uri(name, version))
+        run, step = self._resolve(ref)
+        manifest = self._manifest_or_raise(run, step)
+        return self._verify_objects(self._step_prefix(run, step), manifest, self.checkpoint_uri(run, step))
+
+    # ------------------------------------------------------------ save / load (torch, lazily)
+    def save_checkpoint(self, run: str, step: int, state_dict, meta: Mapping | None = None, *,
+                        overwrite: bool = False, thread_count: int | None = None) -> CheckpointRef:
+        """Save a (possibly DTensor-sharded) state dict. EVERY rank calls this; each rank writes its own
+        shards in parallel, rank 0 writes the manifest last, and every rank returns the same ref."""
+        from flashops.storage import dcp
+
+        _check_name("run", run)
+        _check_step(step)
+        fields = _meta_fields(meta)
+        prefix = self._step_prefix(run, step)
+        uri = self.checkpoint_uri(run, step)
+        rank, world = dcp.rank_and_world()
+
+        def prepare() -> None:
+            self.backend.ensure_ready(for_write=True)
+            if rank != 0:
+                return
+            existing = [o.key for o in self.backend.list(prefix)]
+            if prefix + MANIFEST_NAME in existing:
+                if not overwrite:
+                    raise AlreadyExistsError(
+                        f"checkpoint {uri} already exists: pick another step, delete it, or pass overwrite=True")
+                # Drop the manifest first so the checkpoint stops existing before its shards change.
+                self.backend.delete([prefix + MANIFEST_NAME])
+            leftovers = [k for k in existing if k != prefix + MANIFEST_NAME]
+            if leftovers:
+                log.warning("removing %d leftover object(s) of an earlier, unfinished save of %s",
+                            len(leftovers), uri)
+                self.backend.delete(leftovers)
+
+        dcp.run_everywhere(prepare)
+        if thread_count is None:
+            thread_count = 4 if isinstance(self.backend, S3Backend) else 2
+        written = dcp.save(self.backend, prefix, state_dict, thread_count=thread_count)
+        objects = dcp.gather_to_rank0(written)
+
+        def finish() -> str:
+            if rank != 0:
+                return ""
+            manifest = Manifest(
+                {"format": CHECKPOINT_FORMAT, "run": run, "step": step, "world_size": world, "created": _now(),
+                 **fields},
+                {k: ObjectEntry(size, sha) for k, (size, sha) in objects.items()},
+            )
+            return self._write_manifest(prefix, manifest)
+
+        manifest_sha = dcp.run_everywhere(finish, broadcast=True)
+        return CheckpointRef(run, step, uri, manifest_sha, "")
+
+    def load_checkpoint(self, ref: Ref, state_dict, *, verify: bool = True) -> CheckpointMeta:
+        """Load into `state_dict` in place (every rank calls; DCP reshards to this world size / layout).
+        With verify=True (default) every object read is checked against its sha256 in the manifest."""
+        from flashops.storage import dcp
+
+        run, step = self._resolve(ref)
+        manifest = self._manifest_or_raise(run, step)
+        prefix = self._step_prefix(run, step)
+        dcp.load(self.backend, prefix, state_dict, manifest.objects if verify else None,
+                 uri=self.checkpoint_uri(run, step))
+        return _meta_from_manifest(self.checkpoint_uri(run, step), manifest)
+
+    def meta(self, ref: Ref) -> CheckpointMeta:
+        run, step = self._resolve(ref)
+        return _meta_from_manifest(self.checkpoint_uri(run, step), self._manifest_or_raise(run, step))
+
+    # ------------------------------------------------------------ retention
+    def pin(self, ref: Ref, by: str) -> None:
+        """Protect a checkpoint from gc, e.g. by="deployment-chat-v1" or by="resume-run-2"."""
+        run, step = self._resolve(ref)
+        _check_name("by", by)
+        self._manifest_or_raise(run, step)
+        self.backend.put_bytes(f"runs/{run}/pins/step-{step}/{by}", json.dumps({"pinned": _now()}).encode())
+
+    def unpin(self, ref: Ref, by: str) -> None:
+        run, step = self._resolve(ref)
+        self.backend.delete([f"runs/{run}/pins/step-{step}/{_check_name('by', by)}"])
+
+    def gc(self, run: str, keep: int, pinned: Iterable[Ref | int] = (), *, dry_run: bool = False) -> GcReport:
+        """Keep the newest `keep` complete checkpoints of `run`, every pinned one (argument or `pin()`), and
+        delete the rest; also remove leftovers of crashed saves older than the newest complete checkpoint
+        (newer ones may be a save in progress). A checkpoint's manifest is deleted before its shards."""
+        _check_name("run", run)
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise StoreConfigError(f"keep={keep!r} must be an integer >= 1 (the newest checkpoint is always kept)")
+        if not self.backend.ensure_ready(for_write=False):
+            return GcReport([], [], [], dry_run)
+        pinned_steps = {self._resolve(p, run=run) for p in pinned}
+        bad = [f"{r}/step-{s}" for r, s in pinned_steps if r != run]
+        if bad:
+            raise StoreConfigError(f"pinned={bad} are not checkpoints of run {run!r}")
+        steps, pins = self._scan_run(run)
+        pinned_set = {s for _, s in pinned_steps} | set(pins)
+        complete = [(s, m) for s, m, objs in steps if self._complete(run, s, m, objs, warn=False)]
+        newest = complete[0][0] if complete else None
+        keep_steps = {s for s, _ in complete[:keep]} | pinned_set
+        kept, deleted, removed = [], [], []
+        complete_steps = {s for s, _ in complete}
+        for step, manifest, objs in steps:
+            prefix = self._step_prefix(run, step)
+            uri = self.checkpoint_uri(run, step)
+            if step in keep_steps:
+                if step in complete_steps:
+                    kept.append(self._ref(run, step, manifest))
+                continue
+            if step not in complete_steps:
+                if newest is None or step > newest:
+                    continue  # possibly a save in progress
+                removed.append(uri)
+            else:
+                deleted.append(uri)
+            if not dry_run:
+                keys = [prefix + k for k in objs]
+                if MANIFEST_NAME in objs:
+                    self.backend.delete([prefix + MANIFEST_NAME])
+                    keys.remove(prefix + MANIFEST_NAME)
+                self.backend.delete(keys)
+        return GcReport(sorted(kept, key=lambda r: r.step), deleted, removed, dry_run)
+
+    # ------------------------------------------------------------ models
+    def _resolve_model(self, ref) -> tuple[str, str]:
+        if isinstance(ref, ModelRef):
+            return ref.name, ref.version
+        m = _MODEL_URI.match(str(ref))
+        if not m:
+            raise StoreConfigError(f"model reference {ref!r} is not a model URI: expected <store>/models/<name>/"
+                                   f"<version>, e.g. {self.model_uri('joyai-flash', 'v1')}")
+        if m["root"].rstrip("/") != self.uri:
+            raise StoreConfigError(f"model {ref!r} is not in store {self.uri}: open_store({m['root']!r}) instead")
+        return m["name"], m["version"]
+
+    def _model_manifest_or_raise(self, name: str, version: str) -> Manifest:
+        self.backend.ensure_ready(for_write=False)
+        try:
+            return self._read_manifest(f"models/{name}/{version}/{MANIFEST_NAME}")
+        except ObjectNotFoundError as e:
+            raise CheckpointNotFoundError(
+                f"no exported model at {self.model_uri(name, version)} (no {MANIFEST_NAME}); export it first"
+            ) from e
+
+    def export_model(self, name: str, version: str, files: Mapping[str, Union[str, Path, bytes]] | Iterable[Path],
+                     meta: Mapping | None = None, *, overwrite: bool = False) -> ModelRef:
+        """Upload model files (e.g. model.safetensors, config.json, tokenizer.json) under
+        models/<name>/<version>/ in parallel, then their manifest last."""
+        _check_name("name", name)
+        _check_name("version", version)
+        if not isinstance(files, Mapping):
+            files = {Path(f).name: Path(f) for f in files}
+        if not files:
+            raise StoreConfigError("files is empty: pass {'model.safetensors': path, ...}")
+        for rel in files:
+            if rel == MANIFEST_NAME or rel.startswith("/") or ".." in rel.split("/"):
+                raise StoreConfigError(f"file name {rel!r} is not allowed in a model: use a relative name")
+        prefix = f"models/{name}/{version}/"
+        self.backend.ensure_ready(for_write=True)
+        existing = [o.key for o in self.backend.list(prefix)]
+        if prefix + MANIFEST_NAME in existing:
+            if not overwrite:
+                raise AlreadyExistsError(f"model {self.model_uri(name, version)} already exists: "
+                                         "bump the version or pass overwrite=True")
+            self.backend.delete([prefix + MANIFEST_NAME])
+        if existing:
+            self.backend.delete([k for k in existing if k != prefix + MANIFEST_NAME])
+
+        def upload(item) -> tuple[str, ObjectEntry]:
+            rel, src = item
+            data = src if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
+            self.backend.put_bytes(prefix + rel, data)
+            return rel, ObjectEntry(len(data), sha256_of(data))
+
+        with ThreadPoolExecutor(4) as pool:
+            objects = dict(pool.map(upload, files.items()))
+        manifest = Manifest({"format": MODEL_FORMAT, "name": name, "version": version, "created": _now(),
+                             "meta": dict(meta or {})}, objects)
+        sha = self._write_manifest(prefix, manifest)
+        return ModelRef(name, version, self.model_uri(name, version), sha)
+
+    def list_models(self) -> list[ModelRef]:
+        if not self.backend.ensure_ready(for_write=False):
+            return []
+        out = []
+        for o in self.backend.list("models/"):
+            parts = o.key.split("/")
+            if len(parts) == 4 and parts[3] == MANIFEST_NAME:
+                out.append(ModelRef(parts[1], parts[2], self.model_uri(parts[1], parts[2])))
+        return sorted(out, key=lambda r: (r.name, r.version))
+
+    def model_manifest(self, ref) -> dict:
+        name, version = self._resolve_model(ref)
+        m = self._model_manifest_or_raise(name, version)
+        doc = json.loads(m.to_bytes())
+        doc["manifest_sha256"] = m.sha256
+        return doc
+
+    def fetch_model(self, ref, dest: Union[str, Path]) -> Path:
+        """Download an exported model into `dest` (a directory), checking every file's sha256; files
+        already in `dest` with the right hash are not downloaded again. Returns `dest`."""
+        name, version = self._resolve_model(ref)
+        manifest = self._model_manifest_or_raise(name, version)
+        prefix = f"models/{name}/{version}/"
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        uri = self.model_uri(name, version)
+
+        def fetch(item: tuple[str, ObjectEntry]) -> None:
+            rel, entry = item
+            target = dest / rel
+            if target.is_file() and target.stat().st_size == entry.size and \
+                    sha256_of(target.read_bytes()) == entry.sha256:
+                return
+            data = self.backend.get_bytes(prefix + rel)
+            _check_bytes(self.backend.url(prefix + rel), rel, data, entry, uri)
+            from flashops.storage.backends import _atomic_write
+
+            _atomic_write(target, data)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(fetch, manifest.objects.items()))
+        (dest / MANIFEST_NAME).write_bytes(manifest.to_bytes())
+        return dest
+
+
+def _check_bytes(url: str, key: str, data, entry: ObjectEntry, owner_uri: str) -> None:
+    actual = sha256_of(data)
+    if len(data) != entry.size or actual != entry.sha256:
+        raise CorruptObjectError(
+            f"{url} is corrupt: expected {entry.size} bytes with sha256 {entry.sha256}, got {len(data)} bytes with "
+            f"sha256 {actual}; {owner_uri} cannot be trusted: resume from an older checkpoint "
+            "(flashops checkpoints list) or re-export", key=key, expected_sha256=entry.sha256, actual_sha256=actual)
+
+
+def _meta_fields(meta: Mapping | None) -> dict:
+    meta = dict(meta or {})
+    for k in meta:
+        if not isinstance(k, str):
+            raise StoreConfigError(f"meta key {k!r} must be a string")
+    out = {k: meta.pop(k) for k in _META_FIELDS if k in meta}
+    if out.get("parent") is not None:
+        out["parent"] = str(out["parent"])
+    out["extra"] = meta
+    try:
+        json.dumps(out)
+    except TypeError as e:
+        raise StoreConfigError(f"meta must be JSON-serialisable (numbers, strings, lists, dicts): {e}") from e
+    return out
+
+
+def _meta_from_manifest(uri: str, m: Manifest) -> CheckpointMeta:
+    f = m.fields
+    return CheckpointMeta(
+        run=f["run"], step=int(f["step"]), uri=uri, world_size=int(f.get("world_size", 1)),
+        created=str(f.get("created", "")), manifest_sha256=m.sha256, parent=f.get("parent"),
+        spec_hash=f.get("spec_hash"), model_config=f.get("model_config"), metrics=f.get("metrics") or {},
+        extra={k: v for k, v in (f.get("extra") or {}).items()} | {k: f[k] for k in ("stage", "dataset") if k in f},
+        total_bytes=m.total_bytes,
+    )
+
+
+# ---------------------------------------------------------------- opening
+def default_store_uri() -> str:
+    return f"file://{flashops_home() / 'store'}"
+
+
+def open_store(uri: str | None = None, **s3_overrides) -> CheckpointStore:
+    """`file:///dir`, `s3://bucket/prefix` or None (the embedded default, file://$FLASHOPS_HOME/store).
+    s3_overrides are S3Settings fields (endpoint, access_key, secret_key, secure, create_bucket, ...)."""
+    uri = default_store_uri() if uri is None else str(uri)
+    if uri.startswith("/"):
+        uri = "file://" + uri
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise StoreConfigError(f"store URI {uri!r}: a file URI needs an absolute path, e.g. file:///data/store "
+                                   "(three slashes)")
+        if s3_overrides:
+            raise StoreConfigError(f"S3 settings {sorted(s3_overrides)} given for a file:// store {uri!r}")
+        path = Path(parts.path)
+        return CheckpointStore(FileBackend(path), f"file://{path}")
+    if parts.scheme == "s3":
+        bucket, prefix = parts.netloc, parts.path.strip("/")
+        if not _BUCKET.match(bucket or ""):
+            raise StoreConfigError(f"store URI {uri!r}: bucket {bucket!r} is not a valid S3 bucket name (3-63 "
+                                   "lowercase letters, digits, '.' or '-'), e.g. s3://checkpoints/team-a")
+        if parts.query or parts.fragment:
+            raise StoreConfigError(f"store URI {uri!r}: no query or fragment allowed; set the endpoint with "
+                                   "FLASHOPS_S3_ENDPOINT")
+        settings = resolve_s3_settings(**s3_overrides)
+        return CheckpointStore(S3Backend(bucket, prefix, settings), f"s3://{bucket}" + (f"/{prefix}" if prefix else ""))
+    raise StoreConfigError(f"store URI {uri!r}: scheme must be file:// or s3://, e.g. s3://checkpoints/team-a or "
+                           "file:///data/store")
+
+
+def split_checkpoint_uri(uri: str) -> tuple[str, str, int]:
+    """'s3://b/p/runs/r/step-7' -> ('s3://b/p', 'r', 7)."""
+    m = _CKPT_URI.match(str(uri))
+    if not m:
+        raise StoreConfigError(f"{uri!r} is not a checkpoint URI: expected <store>/runs/<run>/step-<n>")
+    return m["root"], m["run"], int(m["step"])
+
+
+def load_checkpoint(uri: str, state_dict, **kw) -> CheckpointMeta:
+    """Load a checkpoint given only its URI (opens the store it lives in)."""
+    root, _, _ = split_checkpoint_uri(uri)
+    return open_store(root).load_checkpoint(uri, state_dict, **kw)
+
+
+def fetch_model(uri: str, dest: Union[str, Path]) -> Path:
+    """Download and verify an exported model given only its URI (<store>/models/<name>/<version>)."""
+    m = _MODEL_URI.match(str(uri))
+    if not m:
+        raise StoreConfigError(f"{uri!r} is not a model URI: expected <store>/models/<name>/<version>")
+    return open_store(m["root"]).fetch_model(uri, dest)
