@@ -141,8 +141,14 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
     def _ensure_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is not None and self._task.get_loop() is not loop:
+            # a new event loop (another asyncio.run, another test): the old one's task and waiters are gone
+            self._task, self._wake = None, asyncio.Event()
+            self._running, self._waiting = [], []
+            self._free_slots = list(range(self.backend.slots))
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="flashops-engine")
+            self._task = loop.create_task(self._loop(), name="flashops-engine")
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
