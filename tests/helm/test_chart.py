@@ -84,7 +84,8 @@ def test_operator_settings_follow_the_values(rendered):
     assert default["FLASHOPS_S3_ENDPOINT"] == f"http://flashops-minio.{NAMESPACE}.svc:9000"
     assert default["FLASHOPS_S3_SECURE"] == "false"
     assert default["FLASHOPS_LINEAGE_URL"] == f"http://flashops-lineage.{NAMESPACE}.svc:8080"
-    assert default["FLASHOPS_CHECKPOINT_URI"] == "s3://flashops/checkpoints"
+    assert default["FLASHOPS_CHECKPOINT_ROOT"] == "s3://flashops/checkpoints"
+    assert default["FLASHOPS_S3_SECRET"] == "flashops-s3" and default["FLASHOPS_LINEAGE_SECRET"] == "flashops-lineage"
     assert default["FLASHOPS_IMAGE"] == "ghcr.io/flashops/flashops:0.1.0"
     assert "FLASHOPS_S3_CA_BUNDLE" not in default
 
@@ -97,11 +98,27 @@ def test_operator_settings_follow_the_values(rendered):
     assert tls["FLASHOPS_S3_SECURE"] == "true"
     assert tls["FLASHOPS_S3_CA_BUNDLE"] == "/etc/flashops/s3-ca/ca.crt"
     assert tls["FLASHOPS_S3_CA_BUNDLE_SECRET"] == "minio-ca"
-    assert tls["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "minio-flashops-user", "key": "accesskey"}}
-    assert tls["FLASHOPS_CHECKPOINT_URI"] == "s3://ml-checkpoints/checkpoints"
+    assert tls["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "minio-flashops-user", "key": "AWS_ACCESS_KEY_ID"}}
+    assert tls["FLASHOPS_CHECKPOINT_ROOT"] == "s3://ml-checkpoints/checkpoints"
+    assert tls["FLASHOPS_S3_SECRET"] == "minio-flashops-user"
     spec = find(rendered["external-minio-tls"], "Deployment", "flashops-operator")[0]["spec"]["template"]["spec"]
     ca_volume = next(v for v in spec["volumes"] if v["name"] == "s3-ca")
     assert ca_volume["secret"] == {"secretName": "minio-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+
+
+def test_client_namespaces_get_the_same_credentials(rendered):
+    """Trainer and predictor pods in a client namespace mount the S3 and lineage Secrets by name:
+    each client namespace gets a copy with the very same (possibly generated) values."""
+    objs = rendered["everything-on"]
+    for name in ("flashops-s3", "flashops-lineage", "flashops-s3-ca"):
+        copies = {o["metadata"]["namespace"]: o["stringData"] for o in find(objs, "Secret", name)}
+        assert sorted(copies) == sorted([NAMESPACE, "team-a", "team-b"]), name
+        assert len({tuple(sorted(d.items())) for d in copies.values()}) == 1, name
+    default = {o["metadata"]["namespace"]: o["stringData"] for o in find(rendered["default"], "Secret", "flashops-s3")}
+    assert sorted(default) == sorted([NAMESPACE, "default"])
+    a, b = default.values()
+    assert a == b and len(a["AWS_SECRET_ACCESS_KEY"]) == 40  # generated once, shared
+    assert [o["metadata"]["namespace"] for o in find(rendered["default"], "Secret", "flashops-db")] == [NAMESPACE]
 
 
 def test_lineage_api_uses_the_database_it_is_given(rendered):

@@ -82,9 +82,8 @@ def test_the_wheel_builds_from_the_docker_context(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("flashops-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder in package_folders():
-        for py in (REPO / folder).rglob("*.py"):
-            if "__pycache__" not in py.parts:
-                assert f"flashops/{py.relative_to(REPO).as_posix()}" in names, f"{py} missing from the wheel"
+        for py in (context / folder).rglob("*.py"):
+            assert f"flashops/{py.relative_to(context).as_posix()}" in names, f"{folder}/{py.name} missing from the wheel"
     assert not any(n.startswith("flashops/operator/__init__") for n in names)  # stays a namespace portion
     entry_points = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "flashops = flashops.cli.main:main" in entry_points

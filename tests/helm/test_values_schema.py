@@ -39,7 +39,8 @@ def render(*sets: str):
         # flashops pods never run as root; one operator at a time
         (["podSecurityContext.runAsNonRoot=false"], ["/podSecurityContext/runAsNonRoot"]),
         (["operator.replicas=2"], ["/operator/replicas", "maximum"]),
-        (["checkpointUri=gs://bucket/x"], ["/checkpointUri"]),
+        (["checkpointRoot=gs://bucket/x"], ["/checkpointRoot"]),
+        (["clientNamespaces[0]=Team_A"], ["/clientNamespaces/0"]),
     ],
     ids=lambda v: ",".join(v) if isinstance(v, list) and "=" in v[0] else None,
 )

@@ -95,8 +95,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (not .Values.minio.enabled) (or .Values.s3.external.caBundle.existingSecret .Values.s3.external.caBundle.pem) -}}true{{- end -}}
 {{- end -}}
 
-{{- define "flashops.checkpointUri" -}}
-{{- .Values.checkpointUri | default (printf "s3://%s/checkpoints" .Values.s3.bucket) -}}
+{{- define "flashops.checkpointRoot" -}}
+{{- .Values.checkpointRoot | default (printf "s3://%s/checkpoints" .Values.s3.bucket) -}}
 {{- end -}}
 
 {{- define "flashops.lineageUrl" -}}
@@ -125,12 +125,14 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ include "flashops.s3Secure" . | quote }}
 - name: AWS_REGION
   value: {{ .Values.s3.region | quote }}
+- name: FLASHOPS_S3_REGION
+  value: {{ .Values.s3.region | quote }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
-    secretKeyRef: {name: {{ include "flashops.s3SecretName" . }}, key: {{ .Values.s3.credentials.accessKeyKey }}}
+    secretKeyRef: {name: {{ include "flashops.s3SecretName" . }}, key: AWS_ACCESS_KEY_ID}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
-    secretKeyRef: {name: {{ include "flashops.s3SecretName" . }}, key: {{ .Values.s3.credentials.secretKeyKey }}}
+    secretKeyRef: {name: {{ include "flashops.s3SecretName" . }}, key: AWS_SECRET_ACCESS_KEY}
 {{- if include "flashops.hasCaBundle" . }}
 - name: FLASHOPS_S3_CA_BUNDLE
   value: /etc/flashops/s3-ca/ca.crt
