@@ -36,6 +36,13 @@ def render(*sets: str):
         (["minio.enabled=false"], ["/s3/external/endpoint", "/s3/credentials/existingSecret"]),
         (["minio.enabled=false", "s3.external.endpoint=s3.example.com", "s3.credentials.accessKey=only-half"],
          ["/s3/credentials/secretKey"]),
+        # a scheme and the TLS switch that disagree (KServe's classic MinIO trap), a CA that is not PEM
+        (["minio.enabled=false", "s3.credentials.existingSecret=s3", "s3.external.endpoint=http://minio:9000"],
+         ["/s3/external/secure", "value must be false"]),
+        (["minio.enabled=false", "s3.credentials.existingSecret=s3", "s3.external.endpoint=https://minio:9000",
+          "s3.external.secure=false"], ["/s3/external/secure", "value must be true"]),
+        (["minio.enabled=false", "s3.credentials.existingSecret=s3", "s3.external.endpoint=minio:9000",
+          "s3.external.caBundle.pem=/etc/ssl/ca.pem"], ["/s3/external/caBundle/pem"]),
         # flashops pods never run as root; one operator at a time
         (["podSecurityContext.runAsNonRoot=false"], ["/podSecurityContext/runAsNonRoot"]),
         (["operator.replicas=2"], ["/operator/replicas", "maximum"]),

@@ -144,16 +144,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.s3.external.caBundle.existingSecret | default (printf "%s-s3-ca" (include "flashops.fullname" .)) -}}
 {{- end -}}
 
-{{- define "flashops.caBundleKey" -}}
-{{- if .Values.s3.external.caBundle.existingSecret -}}{{ .Values.s3.external.caBundle.key }}{{- else -}}ca.crt{{- end -}}
-{{- end -}}
-
 {{- define "flashops.caBundleVolume" -}}
 {{- if include "flashops.hasCaBundle" . -}}
 - name: s3-ca
   secret:
     secretName: {{ include "flashops.caBundleSecretName" . }}
-    items: [{key: {{ include "flashops.caBundleKey" . }}, path: ca.crt}]
+    items: [{key: ca.crt, path: ca.crt}]
 {{- end }}
 {{- end -}}
 
