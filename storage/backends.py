@@ -277,7 +277,7 @@ class S3Backend(ObjectBackend):
                         err = self._give_up(what, e, err, attempt)
                     raise err from e
                 delay = s.backoff_seconds * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
-                log.warning("%s: %s (attempt %d/%d, retrying in %.2fs)", what, err, attempt, s.max_attempts, delay)
+                log.warning("%s (attempt %d/%d, retrying in %.2fs)", err, attempt, s.max_attempts, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -445,7 +445,8 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
-        e = getattr(e, "reason", None) or e.__cause__ or e.__context__
+        reason = getattr(e, "reason", None)  # urllib3 wraps the cause in .reason (ssl uses it for a str)
+        e = (reason if isinstance(reason, BaseException) else None) or e.__cause__ or e.__context__
 
 
 def _is_tls_error(e: Exception) -> bool:

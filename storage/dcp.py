@@ -83,6 +83,25 @@ def _quiet_single_process():
         yield
 
 
+@contextmanager
+def _store_errors_unwrapped():
+    """DCP wraps every rank's failure into one CheckpointException; surface our typed StoreError (this
+    rank's own if it has one) so callers can catch CorruptObjectError, CredentialsError, ..."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        rank, _ = rank_and_world()
+        store_errors = {r: exc for r, (exc, _tb) in e.failures.items() if isinstance(exc, StoreError)}
+        if rank in store_errors:
+            raise store_errors[rank] from e
+        if store_errors:
+            r, exc = min(store_errors.items())
+            raise type(exc)(f"on rank {r}: {exc}") from e
+        raise
+
+
 class _BackendFS(FileSystemBase):
     """DCP's file-system hooks mapped onto an ObjectBackend (paths are store keys)."""
 
@@ -182,7 +201,7 @@ def save(backend: ObjectBackend, prefix: str, state_dict, thread_count: int = 4)
     import torch.distributed.checkpoint as dcp
 
     writer = _StoreWriter(backend, prefix, thread_count)
-    with torch.no_grad(), _quiet_single_process():
+    with torch.no_grad(), _quiet_single_process(), _store_errors_unwrapped():
         dcp.save(state_dict, storage_writer=writer, no_dist=not _initialized())
     return writer.fs.written
 
@@ -190,5 +209,5 @@ def save(backend: ObjectBackend, prefix: str, state_dict, thread_count: int = 4)
 def load(backend: ObjectBackend, prefix: str, state_dict, expected: Mapping | None, uri: str) -> None:
     import torch.distributed.checkpoint as dcp
 
-    with torch.no_grad(), _quiet_single_process():
+    with torch.no_grad(), _quiet_single_process(), _store_errors_unwrapped():
         dcp.load(state_dict, storage_reader=_StoreReader(backend, prefix, expected, uri), no_dist=not _initialized())

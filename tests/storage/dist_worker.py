@@ -1,0 +1,82 @@
+"""Child process for the multi-process storage tests (not a test module itself).
+
+    python tests/storage/dist_worker.py save|load STORE_URI RANK WORLD PORT
+    python tests/storage/dist_worker.py slow-save STORE_URI
+
+save/load: gloo process group of WORLD ranks; "experts" is a DTensor of shape [NUM_EXPERTS, 4, 2] sharded on
+dim 0 whose every value encodes where it belongs (expert*100 + row*10 + col), like an expert-parallel MoE
+weight; load checks that each rank received exactly the experts DTensor assigns to it.
+slow-save: saves step 1 (small), then step 2 (large, many shards) so the parent can SIGKILL it mid-save.
+"""
+import sys
+
+import torch
+import torch.distributed as dist
+
+NUM_EXPERTS = 8
+
+
+def expected_experts() -> torch.Tensor:
+    e = torch.arange(NUM_EXPERTS).view(-1, 1, 1) * 100
+    r = torch.arange(4).view(1, -1, 1) * 10
+    c = torch.arange(2).view(1, 1, -1)
+    return (e + r + c).float()
+
+
+def state(mesh, fill: bool):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    experts = expected_experts() if fill else torch.zeros(NUM_EXPERTS, 4, 2)
+    bias = torch.arange(NUM_EXPERTS).float() if fill else torch.zeros(NUM_EXPERTS)
+    dense = torch.full((3, 3), 7.0) if fill else torch.zeros(3, 3)
+    return {
+        "layers.1.moe.experts.w1": distribute_tensor(experts, mesh, [Shard(0)]),
+        "layers.1.moe.router.expert_bias": distribute_tensor(bias, mesh, [Shard(0)]),
+        "layers.0.ffn.w": distribute_tensor(dense, mesh, [Replicate()]),
+    }
+
+
+def main() -> None:
+    mode, uri = sys.argv[1], sys.argv[2]
+    from flashops.storage import open_store
+
+    store = open_store(uri)
+    if mode == "slow-save":
+        store.save_checkpoint("crash", 1, {"w": torch.ones(1024)})
+        big = {f"layer{i}": torch.randn(2 * 1024 * 1024) for i in range(24)}  # 24 x 8 MB
+        print("saving step 2", flush=True)
+        store.save_checkpoint("crash", 2, big, thread_count=8)
+        print("step 2 saved", flush=True)
+        return
+
+    rank, world, port = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    try:
+        if mode == "save":
+            ref = store.save_checkpoint("ep", 1, state(mesh, fill=True), {"world": world})
+            print(f"rank {rank} saved {ref.uri}", flush=True)
+        elif mode == "load":
+            sd = state(mesh, fill=False)
+            meta = store.load_checkpoint(store.latest("ep"), sd)
+            local = sd["layers.1.moe.experts.w1"].to_local()
+            # torch.chunk semantics: ceil(E / world) experts per rank, the last rank gets the rest.
+            per_rank = -(-NUM_EXPERTS // world)
+            first = rank * per_rank
+            ids = list(range(first, min(first + per_rank, NUM_EXPERTS)))
+            got_ids = (local[:, 0, 0] // 100).int().tolist()
+            assert got_ids == ids, f"rank {rank}: holds experts {got_ids}, expected {ids}"
+            assert torch.equal(local, expected_experts()[ids]), f"rank {rank}: expert weights landed wrong"
+            assert sd["layers.1.moe.router.expert_bias"].to_local().tolist() == [float(i) for i in ids]
+            assert torch.equal(sd["layers.0.ffn.w"].to_local(), torch.full((3, 3), 7.0))
+            print(f"rank {rank} of {world} holds experts {got_ids} (saved at world size {meta.world_size})",
+                  flush=True)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
