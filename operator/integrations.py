@@ -1,0 +1,106 @@
+"""The operator's two outside services, both optional: lineage (flashops.api.lineage) and the checkpoint
+store (flashops.storage, its torch-free core). Neither may ever crash-loop the operator.
+
+    ext = Integrations(config)
+    ext.latest_checkpoint("s3://flashops/checkpoints/default", "pretrain-a")   # "s3://.../step-100" | None
+    ext.start_run(run, k8s_ref)                                                # lineage id; raises LineageDown
+
+Lineage failures raise LineageDown: the reconciler records the reason in the status, leaves the child
+running, and retries later (kopf TemporaryError). Store failures return None plus a note: a retry without a
+known checkpoint still resumes, because the trainer looks for the newest complete one itself.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from typing import Any
+
+from flashops.api import spec as S
+from flashops.operator.config import OperatorConfig
+
+log = logging.getLogger("flashops.operator")
+
+
+class LineageDown(RuntimeError):
+    """Lineage is configured but cannot be reached (or its client is not installed); retry later."""
+
+
+class Integrations:
+    def __init__(self, config: OperatorConfig):
+        self.config = config
+        self._lineage: Any = None
+        self._lock = threading.Lock()
+        self.last_store_error: str | None = None
+
+    # ------------------------------------------------------------------------------ lineage
+
+    @property
+    def lineage_enabled(self) -> bool:
+        return bool(self.config.lineage_url)
+
+    def lineage(self) -> Any:
+        with self._lock:
+            if self._lineage is None:
+                try:
+                    module = importlib.import_module("flashops.api.lineage")
+                    self._lineage = module.open_lineage(self.config.lineage_url)
+                except ImportError as e:
+                    raise LineageDown(f"the lineage client (flashops.api.lineage) cannot be imported: {e}") from e
+                except Exception as e:  # noqa: BLE001 - any client error means "not now"
+                    raise LineageDown(f"cannot open lineage at {self.config.lineage_url}: {e}") from e
+            return self._lineage
+
+    def _call(self, what: str, fn: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.lineage(), fn)(*args, **kwargs)
+        except LineageDown:
+            raise
+        except Exception as e:  # noqa: BLE001 - network, HTTP 5xx, auth: all retried later
+            raise LineageDown(f"lineage {what} failed at {self.config.lineage_url}: {type(e).__name__}: {e}") from e
+
+    def start_run(self, run: S.TrainingRun, k8s_ref: str, kind: str = "TrainingRun") -> str:
+        init = run.spec.init_from
+        lineage_id = self._call(
+            "start_run", "start_run", name=run.name, kind=kind, stage=run.spec.stage, spec=run.spec.to_dict(),
+            spec_hash=run.spec_hash(), k8s_ref=k8s_ref,
+            consumed=tuple(u for u in [run.spec.data.uri if run.spec.data else None] if u),
+            initialized_from=init,
+        )
+        return str(lineage_id)
+
+    def finish_run(self, lineage_id: str, status: str, metrics: dict | None = None) -> None:
+        self._call("finish_run", "finish_run", _as_id(lineage_id), status, metrics or {})
+
+    def resolve(self, ref: str) -> dict:
+        return self._call("resolve", "resolve", ref) or {}
+
+    def add_deployment(self, model_id: Any, deployment: S.ModelDeployment, k8s_ref: str) -> str:
+        return str(self._call("add_deployment", "add_deployment", model_id, deployment.name,
+                              deployment.metadata.namespace, k8s_ref, deployment.spec.canary_traffic_percent or 100))
+
+    def close_deployment(self, lineage_id: str) -> None:
+        self._call("close_deployment", "close_deployment", _as_id(lineage_id))
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def latest_checkpoint(self, store_uri: str, run_name: str) -> str | None:
+        """URI of the newest verified checkpoint of `run_name` under `store_uri`, None if none or unknown."""
+        self.last_store_error = None
+        try:
+            storage = importlib.import_module("flashops.storage")
+            ref = storage.open_store(store_uri).latest(run_name)
+        except (ImportError, AttributeError) as e:
+            self.last_store_error = f"the checkpoint store API (flashops.storage.open_store) is not available: {e}"
+            return None
+        except Exception as e:  # noqa: BLE001 - store down or misconfigured: resume still works in the trainer
+            self.last_store_error = f"cannot list checkpoints in {store_uri}: {type(e).__name__}: {e}"
+            log.warning(self.last_store_error)
+            return None
+        if ref is None:
+            return None
+        return str(getattr(ref, "uri", ref))
+
+
+def _as_id(value: str) -> Any:
+    return int(value) if isinstance(value, str) and value.isdigit() else value
