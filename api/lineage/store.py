@@ -1,0 +1,417 @@
+"""Lineage recorded directly in SQL (SQLite or PostgreSQL): the service layer behind the HTTP API and
+the embedded default of `flashops run`.
+
+    from flashops.api.lineage import open_lineage
+    lin = open_lineage("sqlite:////tmp/lineage.db")          # migrates to head on open
+    ds = lin.upsert_dataset("builtin:pretrain-text")
+    run = lin.start_run("quickstart-pretrain", "TrainingRun", "pretrain", spec, spec_hash,
+                        consumed=[ds], pipeline="quickstart")
+    ck = lin.add_checkpoint(run, "file:///.../step-200", 200, "sha256:...", {"loss": 2.1})
+    lin.finish_run(run, "succeeded", {"loss": 2.1})
+    lin.resolve("quickstart")["uri"]                         # the pipeline's final checkpoint (or model)
+
+Every write is one transaction (the artifact and its edges land together or not at all) and idempotent
+(natural keys: URI for datasets/checkpoints/models, name+spec_hash+k8s uid for runs, namespace+name+uid+
+model for open deployments), so the trainer and the operator may retry any call.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from sqlalchemy import create_engine, event, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from flashops.api.lineage import migrate, queries
+from flashops.api.lineage import validate as V
+from flashops.api.lineage.errors import Conflict, InvalidInput, NotFound, Unavailable
+from flashops.api.lineage.models import Checkpoint, Dataset, Deployment, Edge, Model, Node, Run, utcnow
+
+T = TypeVar("T")
+URI_SCHEMES = ("s3://", "file://", "builtin:", "gs://", "hf://", "http://", "https://")
+
+
+def default_sqlite_url() -> str:
+    home = Path(os.environ.get("FLASHOPS_HOME") or Path.home() / ".flashops")
+    return f"sqlite:///{home / 'lineage.db'}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        else:  # in memory: one shared connection, or every session sees an empty database
+            engine = create_engine("sqlite://", connect_args={"check_same_thread": False}, poolclass=StaticPool)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")  # `flashops lineage serve` reads while `flashops run` writes
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql"):
+        return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8)
+    raise InvalidInput(f"database url {url!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB")
+
+
+def is_uri(ref: str) -> bool:
+    return ref.startswith(URI_SCHEMES) or "://" in ref
+
+
+class SqlLineage:
+    """The Lineage contract on a SQLAlchemy engine (see flashops.api.lineage for the method list)."""
+
+    def __init__(self, url: str | None = None, *, migrate_on_open: bool = True):
+        self.url = url or default_sqlite_url()
+        self.engine = make_engine(self.url)
+        if migrate_on_open:
+            try:
+                migrate.upgrade(self.engine)
+            except OperationalError as e:
+                raise Unavailable(f"cannot open the lineage database {self.engine.url!r}: {e.orig}") from None
+
+    def __repr__(self) -> str:
+        return f"SqlLineage({self.engine.url!r})"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ transactions
+
+    def _write(self, fn: Callable[[Session], T]) -> T:
+        """Run fn in one transaction. A unique-key race with another writer is retried once: the second
+        attempt finds the row the other writer committed, which is exactly the idempotent answer."""
+        for attempt in (0, 1):
+            try:
+                with Session(self.engine, expire_on_commit=False) as s, s.begin():
+                    return fn(s)
+            except IntegrityError:
+                if attempt:
+                    raise
+            except OperationalError as e:
+                raise Unavailable(f"lineage database error: {e.orig}") from None
+        raise AssertionError("unreachable")
+
+    def _read(self, fn: Callable[[Session], T]) -> T:
+        try:
+            with Session(self.engine) as s:
+                return fn(s)
+        except OperationalError as e:
+            raise Unavailable(f"lineage database error: {e.orig}") from None
+
+    # ------------------------------------------------------------------ recording
+
+    def upsert_dataset(self, uri: str, content_hash: str | None = None, version: str | None = None) -> int:
+        uri = V.text("uri", uri, 2048)
+        content_hash = V.text("content_hash", content_hash, 128, required=False)
+        version = V.text("version", version, 128, required=False)
+        return self._write(lambda s: _dataset(s, uri, content_hash, version))
+
+    def start_run(self, name: str, kind: str, stage: str, spec: dict, spec_hash: str, k8s_ref: Any = None,
+                  consumed: Iterable[Any] = (), initialized_from: Any = None, pipeline: str | None = None) -> int:
+        name = V.text("name", name, 253)
+        kind = V.text("kind", kind, 64)
+        stage = V.text("stage", stage, 64)
+        spec = V.json_object("spec", spec)
+        spec_hash = V.text("spec_hash", spec_hash, 128)
+        k8s = _k8s_ref(k8s_ref)
+        pipeline = V.text("pipeline", pipeline, 253, required=False) or _pipeline_of(k8s) or None
+        consumed = list(consumed or ())
+
+        def record(s: Session) -> int:
+            uid = (k8s or {}).get("uid") or ""
+            run_id = s.scalar(select(Run.node_id).where(Run.name == name, Run.spec_hash == spec_hash,
+                                                        Run.k8s_uid == uid))
+            if run_id is None:
+                run_id = _new_node(s, "run", name)
+                s.add(Run(node_id=run_id, name=name, kind=kind, stage=stage, pipeline=pipeline, spec=spec,
+                          spec_hash=spec_hash, status="running", started_at=utcnow(), metrics={},
+                          k8s_ref=k8s, k8s_uid=uid))
+            for i, item in enumerate(consumed):
+                _edge(s, _input_node(s, f"consumed[{i}]", item), run_id, "consumed")
+            if initialized_from is not None:
+                _edge(s, _init_node(s, initialized_from), run_id, "initialized_from")
+            return run_id
+
+        return self._write(record)
+
+    def finish_run(self, run_id: Any, status: str, metrics: dict | None = None) -> None:
+        rid = V.node_id("run_id", run_id)
+        status = V.status(status)
+        metrics = V.json_object("metrics", metrics)
+
+        def record(s: Session) -> None:
+            run = _get(s, Run, rid, "run_id")
+            run.status = status
+            if status == "running":
+                run.finished_at = None
+            elif run.finished_at is None:  # the first report of the end wins; a repeat changes nothing
+                run.finished_at = utcnow()
+            if metrics:
+                run.metrics = metrics
+
+        self._write(record)
+
+    def add_checkpoint(self, run_id: Any, uri: str, step: int | None, manifest_hash: str | None = None,
+                       metrics: dict | None = None) -> int:
+        rid = V.node_id("run_id", run_id)
+        uri = V.text("uri", uri, 2048)
+        step = V.optional_int("step", step, 0)
+        manifest_hash = V.text("manifest_hash", manifest_hash, 128, required=False)
+        metrics = V.json_object("metrics", metrics)
+
+        def record(s: Session) -> int:
+            _get(s, Run, rid, "run_id")
+            ck = s.scalar(select(Checkpoint).where(Checkpoint.uri == uri))
+            if ck is not None:
+                if ck.run_id not in (None, rid):
+                    raise Conflict(f"uri: checkpoint {uri} is already recorded as produced by run lineage:{ck.run_id}, "
+                                   f"not lineage:{rid}: every save needs its own URI")
+                if ck.run_id is None:  # known until now only as some run's initFrom: adopt it
+                    ck.run_id, ck.step, ck.manifest_hash, ck.metrics = rid, step, manifest_hash, metrics
+                _edge(s, rid, ck.node_id, "produced")
+                return ck.node_id
+            cid = _new_node(s, "checkpoint", uri)
+            s.add(Checkpoint(node_id=cid, run_id=rid, uri=uri, step=step, manifest_hash=manifest_hash,
+                             metrics=metrics))
+            _edge(s, rid, cid, "produced")
+            return cid
+
+        return self._write(record)
+
+    def add_model(self, checkpoint_id: Any, uri: str, name: str, version: str, quantization: str = "none",
+                  manifest_hash: str | None = None) -> int:
+        cid = None if checkpoint_id is None else V.node_id("checkpoint_id", checkpoint_id)
+        uri = V.text("uri", uri, 2048)
+        name = V.text("name", name, 253)
+        version = V.text("version", str(version) if isinstance(version, int) else version, 128)
+        quantization = V.text("quantization", quantization or "none", 32)
+        manifest_hash = V.text("manifest_hash", manifest_hash, 128, required=False)
+
+        def record(s: Session) -> int:
+            if cid is not None:
+                _get(s, Checkpoint, cid, "checkpoint_id")
+            m = s.scalar(select(Model).where(Model.uri == uri))
+            if m is not None:
+                if m.checkpoint_id != cid and cid is not None and m.checkpoint_id is not None:
+                    raise Conflict(f"uri: model {uri} is already recorded as exported from lineage:{m.checkpoint_id}, "
+                                   f"not lineage:{cid}: export each model version to its own URI")
+                if m.checkpoint_id is None and cid is not None:
+                    m.checkpoint_id = cid
+                    _edge(s, cid, m.node_id, "exported_as")
+                return m.node_id
+            mid = _new_node(s, "model", f"{name}:{version}")
+            s.add(Model(node_id=mid, checkpoint_id=cid, uri=uri, name=name, version=version,
+                        quantization=quantization, manifest_hash=manifest_hash))
+            if cid is not None:
+                _edge(s, cid, mid, "exported_as")
+            return mid
+
+        return self._write(record)
+
+    def add_deployment(self, model_id: Any, name: str, namespace: str | None = None, k8s_ref: Any = None,
+                       traffic_percent: int | None = 100) -> int:
+        name = V.text("name", name, 253)
+        namespace = V.text("namespace", namespace, 253, required=False)
+        k8s = _k8s_ref(k8s_ref)
+        traffic = V.optional_int("traffic_percent", 100 if traffic_percent is None else traffic_percent, 0, 100)
+        if not (V.is_id(model_id) or isinstance(model_id, str)):
+            raise InvalidInput(f"model_id: {model_id!r} is neither a lineage id nor a model URI")
+
+        def record(s: Session) -> int:
+            served = _served_node(s, model_id, name)
+            uid = (k8s or {}).get("uid") or ""
+            d = s.scalar(select(Deployment).where(
+                Deployment.namespace == namespace, Deployment.name == name, Deployment.k8s_uid == uid,
+                Deployment.model_id == served, Deployment.ended_at.is_(None)))
+            if d is not None:
+                d.traffic_percent = traffic  # a canary moving 10 -> 100 is the same deployment
+                return d.node_id
+            did = _new_node(s, "deployment", f"{namespace}/{name}" if namespace else name)
+            s.add(Deployment(node_id=did, model_id=served, name=name, namespace=namespace, k8s_ref=k8s,
+                             k8s_uid=uid, traffic_percent=traffic, started_at=utcnow()))
+            _edge(s, served, did, "deployed_as")
+            return did
+
+        return self._write(record)
+
+    def close_deployment(self, deployment_id: Any) -> None:
+        did = V.node_id("deployment_id", deployment_id)
+
+        def record(s: Session) -> None:
+            d = _get(s, Deployment, did, "deployment_id")
+            if d.ended_at is None:
+                d.ended_at = utcnow()
+
+        self._write(record)
+
+    # ------------------------------------------------------------------ resolving and queries
+
+    def resolve(self, ref: Any) -> dict:
+        """"lineage:<id>", a checkpoint/model URI, a run, pipeline or deployment name -> the artifact to
+        train from or serve: a dict with type, id, ref, uri, ..., plus `checkpoint` and `model` (the
+        newest model exported from that checkpoint, or None). A run or pipeline gives its final checkpoint;
+        when that checkpoint was exported, the top-level fields are the model's."""
+        return self._read(lambda s: queries.resolve(s, ref))
+
+    def find(self, ref: Any) -> int:
+        """The node id a user means by an id, a URI or a name (run, deployment, pipeline, model)."""
+        return self._read(lambda s: queries.find(s, ref))
+
+    def node(self, ref: Any, limit: int = 100) -> dict:
+        return self._read(lambda s: queries.node_with_neighbours(s, queries.find(s, ref), limit))
+
+    def list_nodes(self, type: str | None = None, name: str | None = None, uri: str | None = None,
+                   pipeline: str | None = None, status: str | None = None, after: int | None = None,
+                   limit: int = 50) -> dict:
+        return self._read(lambda s: queries.list_nodes(s, type=type, name=name, uri=uri, pipeline=pipeline,
+                                                       status=status, after=after, limit=limit))
+
+    def ancestors(self, ref: Any, depth: int = 10, limit: int = 1000) -> dict:
+        return self._read(lambda s: queries.walk(s, queries.find(s, ref), "up", depth, limit))
+
+    def descendants(self, ref: Any, depth: int = 10, limit: int = 1000) -> dict:
+        return self._read(lambda s: queries.walk(s, queries.find(s, ref), "down", depth, limit))
+
+    def provenance(self, ref: Any) -> dict:
+        """What data and which runs produced this deployment (or any artifact): all ancestors by type."""
+        return self._read(lambda s: queries.grouped(s, queries.find(s, ref), "up"))
+
+    def derived(self, ref: Any) -> dict:
+        """Which checkpoints, models and deployments derive from this dataset (or any artifact)."""
+        return self._read(lambda s: queries.grouped(s, queries.find(s, ref), "down"))
+
+    def diff_runs(self, a: Any, b: Any) -> dict:
+        return self._read(lambda s: queries.diff_runs(s, queries.find(s, a), queries.find(s, b)))
+
+
+# ---------------------------------------------------------------------- helpers inside one transaction
+
+
+def _new_node(s: Session, type_: str, label: str) -> int:
+    node = Node(type=type_, label=label[:512], created_at=utcnow())
+    s.add(node)
+    s.flush()
+    return node.id
+
+
+def _edge(s: Session, src: int, dst: int, type_: str) -> None:
+    exists = s.scalar(select(Edge.id).where(Edge.src_id == src, Edge.dst_id == dst, Edge.type == type_))
+    if exists is None:
+        s.add(Edge(src_id=src, dst_id=dst, type=type_))
+        s.flush()
+
+
+def _get(s: Session, table: type, node_id: int, field: str):
+    row = s.get(table, node_id)
+    if row is None:
+        kind = table.__tablename__[:-1]
+        actual = s.scalar(select(Node.type).where(Node.id == node_id))
+        what = f"is a {actual}, not a {kind}" if actual else "does not exist"
+        raise NotFound(f"{field}: lineage:{node_id} {what}: pass the id the {kind} was recorded with")
+    return row
+
+
+def _dataset(s: Session, uri: str, content_hash: str = "", version: str = "") -> int:
+    found = s.scalar(select(Dataset.node_id).where(Dataset.uri == uri, Dataset.content_hash == content_hash,
+                                                   Dataset.version == version))
+    if found is not None:
+        return found
+    nid = _new_node(s, "dataset", uri)
+    s.add(Dataset(node_id=nid, uri=uri, content_hash=content_hash, version=version))
+    s.flush()
+    return nid
+
+
+def _input_node(s: Session, field: str, item: Any) -> int:
+    """A run input: an id (dataset, checkpoint or model, e.g. DPO's reference policy), a dataset URI or
+    {"uri", "content_hash", "version"}; unknown URIs are recorded as datasets."""
+    if V.is_id(item):
+        nid = V.node_id(field, item)
+        type_ = s.scalar(select(Node.type).where(Node.id == nid))
+        if type_ not in ("dataset", "checkpoint", "model"):
+            raise NotFound(f"{field}: lineage:{nid} {'is a ' + type_ if type_ else 'does not exist'}: "
+                           "a run consumes datasets, checkpoints or models")
+        return nid
+    if isinstance(item, dict):
+        return _dataset(s, V.text(f"{field}.uri", item.get("uri"), 2048),
+                        V.text(f"{field}.content_hash", item.get("content_hash"), 128, required=False),
+                        V.text(f"{field}.version", item.get("version"), 128, required=False))
+    uri = V.text(field, item, 2048)
+    latest = s.scalar(select(Dataset.node_id).where(Dataset.uri == uri).order_by(Dataset.node_id.desc()).limit(1))
+    return latest if latest is not None else _dataset(s, uri)
+
+
+def _init_node(s: Session, ref: Any) -> int:
+    """What a run starts from: an id, a checkpoint/model URI (an unknown one is recorded as an external
+    checkpoint, so the chain is never cut) or a run/pipeline name."""
+    if V.is_id(ref):
+        nid = V.node_id("initialized_from", ref)
+        type_ = s.scalar(select(Node.type).where(Node.id == nid))
+        if type_ not in ("checkpoint", "model"):
+            raise NotFound(f"initialized_from: lineage:{nid} {'is a ' + type_ if type_ else 'does not exist'}: "
+                           "a run starts from a checkpoint or a model")
+        return nid
+    ref = V.text("initialized_from", ref, 2048)
+    if is_uri(ref):
+        for table in (Checkpoint, Model):
+            found = s.scalar(select(table.node_id).where(table.uri == ref))
+            if found is not None:
+                return found
+        nid = _new_node(s, "checkpoint", ref)
+        s.add(Checkpoint(node_id=nid, run_id=None, uri=ref, step=None, manifest_hash="", metrics={}))
+        s.flush()
+        return nid
+    return queries.resolve(s, ref)["checkpoint"]["id"]
+
+
+def _served_node(s: Session, model_ref: Any, deployment_name: str) -> int:
+    """What a deployment serves: a model or checkpoint id, or a URI (an unknown one becomes an external model)."""
+    if V.is_id(model_ref):
+        nid = V.node_id("model_id", model_ref)
+        type_ = s.scalar(select(Node.type).where(Node.id == nid))
+        if type_ not in ("model", "checkpoint"):
+            raise NotFound(f"model_id: lineage:{nid} {'is a ' + type_ if type_ else 'does not exist'}: "
+                           "a deployment serves a model or a checkpoint")
+        return nid
+    uri = V.text("model_id", model_ref, 2048)
+    if not is_uri(uri):
+        return queries.resolve(s, uri)["id"]
+    for table in (Model, Checkpoint):
+        found = s.scalar(select(table.node_id).where(table.uri == uri))
+        if found is not None:
+            return found
+    nid = _new_node(s, "model", f"{deployment_name}:external")
+    s.add(Model(node_id=nid, checkpoint_id=None, uri=uri, name=deployment_name, version="external",
+                quantization="none", manifest_hash=""))
+    s.flush()
+    return nid
+
+
+def _k8s_ref(ref: Any) -> dict | None:
+    if ref is None or ref == "":
+        return None
+    if isinstance(ref, str):
+        return {"ref": V.text("k8s_ref", ref, 1024)}
+    ref = V.json_object("k8s_ref", ref)
+    uid = ref.get("uid")
+    if uid is not None:
+        V.text("k8s_ref.uid", uid, 128)
+    return ref
+
+
+def _pipeline_of(k8s: dict | None) -> str:
+    if not k8s:
+        return ""
+    labels = k8s.get("labels") or (k8s.get("metadata") or {}).get("labels") or {}
+    value = k8s.get("pipeline") or (labels.get("flashops.dev/pipeline") if isinstance(labels, dict) else None)
+    return value if isinstance(value, str) else ""
