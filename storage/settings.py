@@ -51,7 +51,7 @@ class S3Settings:
     create_bucket: bool = False             # create a missing bucket instead of failing
     max_attempts: int = 4                   # for temporary errors only
     backoff_seconds: float = 0.25           # first wait; doubles each attempt
-    parallelism: int = 8                    # parallel parts / objects per process
+    parallelism: int = 4                    # concurrent parts per object (up and down)
     part_size: int = 16 * 1024 * 1024
 
     @property

@@ -1,0 +1,160 @@
+"""`flashops checkpoints list|show|verify|gc URI`: look into a checkpoint store (file:// or s3://).
+
+    flashops checkpoints list s3://ckpts/team-a                  # every complete checkpoint
+    flashops checkpoints list s3://ckpts/team-a/runs/sft-1       # one run
+    flashops checkpoints show s3://ckpts/team-a/runs/sft-1/step-200
+    flashops checkpoints verify s3://ckpts/team-a/runs/sft-1/step-200   # re-hash every object
+    flashops checkpoints gc s3://ckpts/team-a/runs/sft-1 --keep 3 --pin 100 --dry-run
+
+S3 endpoint and credentials come from FLASHOPS_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (see
+flashops.storage.settings). Exit codes: 0 ok, 1 store error (corrupt, unreachable, ...), 2 bad usage.
+No torch is imported.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+EXIT_FAIL, EXIT_USAGE = 1, 2
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+_RUN_URI = re.compile(r"^(?P<root>.+?)/runs/(?P<run>[^/]+)/?$")
+
+checkpoints = typer.Typer(name="checkpoints", help="List, show, verify and garbage-collect stored checkpoints.",
+                          no_args_is_help=True)
+
+
+def _fail(e: Exception) -> typer.Exit:
+    from flashops.storage import StoreConfigError
+
+    err.print(f"error: {e}", markup=False)
+    return typer.Exit(EXIT_USAGE if isinstance(e, StoreConfigError) else EXIT_FAIL)
+
+
+def _store_and_run(uri: str):
+    from flashops.storage import open_store
+
+    m = _RUN_URI.match(uri)
+    return (open_store(m["root"]), m["run"]) if m else (open_store(uri), None)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@checkpoints.command("list")
+def list_(uri: str = typer.Argument(..., help="store (s3://bucket/prefix, file:///dir) or <store>/runs/<run>"),
+          as_json: bool = typer.Option(False, "--json", help="one JSON object per line")) -> None:
+    """List complete checkpoints (partial ones are skipped with a warning), oldest first."""
+    from flashops.storage import StoreError
+
+    try:
+        store, run = _store_and_run(uri)
+        refs = store.list(run)
+        models = store.list_models() if run is None else []
+    except StoreError as e:
+        raise _fail(e)
+    if as_json:
+        for r in refs:
+            out.print(json.dumps({"run": r.run, "step": r.step, "uri": r.uri, "created": r.created,
+                                  "manifest_sha256": r.manifest_sha256}), markup=False)
+        return
+    if not refs and not models:
+        out.print(f"no complete checkpoints in {uri}", markup=False)
+        return
+    for r in refs:
+        out.print(f"{r.run:24} step {r.step:<8} {r.created:20}  {r.uri}", markup=False)
+    for m in models:
+        out.print(f"model {m.name}:{m.version}  {m.uri}", markup=False)
+
+
+@checkpoints.command()
+def show(uri: str = typer.Argument(..., help="<store>/runs/<run>/step-<n> or <store>/models/<name>/<version>")) -> None:
+    """Print a checkpoint's (or exported model's) manifest: step, world size, parent, spec hash, objects."""
+    from flashops.storage import StoreConfigError, StoreError, split_checkpoint_uri
+    from flashops.storage.store import _MODEL_URI
+
+    try:
+        if _MODEL_URI.match(uri) and "/runs/" not in uri:
+            store, _ = _store_and_run(_MODEL_URI.match(uri)["root"])
+            doc = store.model_manifest(uri)
+        else:
+            try:
+                root, _, _ = split_checkpoint_uri(uri)
+            except StoreConfigError:
+                store, run = _store_and_run(uri)
+                ref = store.latest(run) if run else None
+                if ref is None:
+                    raise StoreConfigError(f"{uri!r} is not a checkpoint URI (<store>/runs/<run>/step-<n>) nor a run "
+                                           "with a complete checkpoint; see flashops checkpoints list")
+                uri, root = ref.uri, store.uri
+            store, _ = _store_and_run(root)
+            doc = store.read_manifest(uri)
+    except StoreError as e:
+        raise _fail(e)
+    total = sum(o["size"] for o in doc["objects"].values())
+    out.print(json.dumps(doc, indent=2, sort_keys=True), markup=False)
+    out.print(f"# {len(doc['objects'])} objects, {_human(total)}", markup=False)
+
+
+@checkpoints.command()
+def verify(uri: str = typer.Argument(..., help="<store>/runs/<run>/step-<n>, <store>/runs/<run> (its latest) "
+                                              "or <store>/models/<name>/<version>")) -> None:
+    """Read every object and check its size and sha256 against the manifest; exit 1 naming a bad object."""
+    from flashops.storage import StoreConfigError, StoreError, split_checkpoint_uri
+    from flashops.storage.store import _MODEL_URI
+
+    try:
+        if _MODEL_URI.match(uri) and "/runs/" not in uri:
+            store, _ = _store_and_run(_MODEL_URI.match(uri)["root"])
+        else:
+            try:
+                store, _ = _store_and_run(split_checkpoint_uri(uri)[0])
+            except StoreConfigError:
+                store, run = _store_and_run(uri)
+                ref = store.latest(run) if run else None
+                if ref is None:
+                    raise StoreConfigError(f"{uri!r}: give a checkpoint URI (<store>/runs/<run>/step-<n>) or a run "
+                                           "that has a complete checkpoint")
+                uri = ref.uri
+        report = store.verify(uri)
+    except StoreError as e:
+        raise _fail(e)
+    out.print(f"OK {report.uri}: {report.objects} objects, {_human(report.total_bytes)}, sha256 verified in "
+              f"{report.seconds:.2f}s", markup=False)
+
+
+@checkpoints.command()
+def gc(uri: str = typer.Argument(..., help="<store>/runs/<run>"),
+       keep: int = typer.Option(..., "--keep", "-k", min=1, help="newest complete checkpoints to keep"),
+       pin: Optional[List[int]] = typer.Option(None, "--pin", help="step to keep as well (repeatable)"),
+       dry_run: bool = typer.Option(False, "--dry-run", help="only print what would be deleted")) -> None:
+    """Delete old checkpoints of one run: keep the newest K, pinned ones (--pin, or pinned by a resume or a
+    deployment), and any save that may still be running."""
+    from flashops.storage import StoreConfigError, StoreError
+
+    try:
+        store, run = _store_and_run(uri)
+        if run is None:
+            raise StoreConfigError(f"gc works on one run: give <store>/runs/<run>, e.g. {uri.rstrip('/')}/runs/my-run")
+        report = store.gc(run, keep, pinned=pin or (), dry_run=dry_run)
+    except StoreError as e:
+        raise _fail(e)
+    verb = "would delete" if dry_run else "deleted"
+    for u in report.deleted:
+        out.print(f"{verb} {u}", markup=False)
+    for u in report.removed_partial:
+        out.print(f"{verb} partial {u}", markup=False)
+    out.print(f"kept {len(report.kept)}: " + ", ".join(f"step-{r.step}" for r in report.kept), markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(checkpoints, name="checkpoints")
