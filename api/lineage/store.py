@@ -16,11 +16,14 @@ model for open deployments), so the trainer and the operator may retry any call.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from sqlalchemy import create_engine, event, select, update
+from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -32,6 +35,8 @@ from flashops.api.lineage.errors import Conflict, InvalidInput, NotFound, Unavai
 from flashops.api.lineage.models import Checkpoint, Dataset, Deployment, Edge, Model, Node, Run, utcnow
 
 T = TypeVar("T")
+WRITE_OPS = ("upsert_dataset", "start_run", "finish_run", "add_checkpoint", "add_model", "add_deployment",
+             "close_deployment")
 URI_SCHEMES = ("s3://", "file://", "builtin:", "gs://", "hf://", "http://", "https://")
 
 
@@ -73,6 +78,7 @@ class SqlLineage:
     def __init__(self, url: str | None = None, *, migrate_on_open: bool = True):
         self.url = url or default_sqlite_url()
         self.engine = make_engine(self.url)
+        self._local = threading.local()  # the open batch session of this thread, if any
         if migrate_on_open:
             try:
                 migrate.upgrade(self.engine)
@@ -90,6 +96,9 @@ class SqlLineage:
     def _write(self, fn: Callable[[Session], T]) -> T:
         """Run fn in one transaction. A unique-key race with another writer is retried once: the second
         attempt finds the row the other writer committed, which is exactly the idempotent answer."""
+        batch = getattr(self._local, "session", None)
+        if batch is not None:
+            return fn(batch)
         for attempt in (0, 1):
             try:
                 with Session(self.engine, expire_on_commit=False) as s, s.begin():
@@ -100,6 +109,49 @@ class SqlLineage:
             except OperationalError as e:
                 raise Unavailable(f"lineage database error: {e.orig}") from None
         raise AssertionError("unreachable")
+
+    @contextmanager
+    def batch(self):
+        """Every write inside the block lands in ONE transaction (all or nothing); ingestion is much faster."""
+        if getattr(self._local, "session", None) is not None:
+            yield self
+            return
+        try:
+            with Session(self.engine, expire_on_commit=False) as s, s.begin():
+                self._local.session = s
+                try:
+                    yield self
+                finally:
+                    self._local.session = None
+        except IntegrityError:
+            raise Conflict("a concurrent writer recorded the same artifact while this batch ran: send the batch "
+                           "again (recording is idempotent)") from None
+        except OperationalError as e:
+            raise Unavailable(f"lineage database error: {e.orig}") from None
+
+    def record_events(self, events: list[dict]) -> list[Any]:
+        """Apply write events {"op": "start_run", "args": {...}} in one transaction, in order; an argument
+        "$N" stands for the id event N returned (so a batch can record a run and its checkpoints).
+        Returns each event's result. One bad event rolls the whole batch back; the error names it."""
+        if not isinstance(events, list):
+            raise InvalidInput("events: expected a list of {op, args}")
+        results: list[Any] = []
+        with self.batch():
+            for i, ev in enumerate(events):
+                op, args = (ev.get("op"), ev.get("args") or {}) if isinstance(ev, dict) else (None, None)
+                if op not in WRITE_OPS or not isinstance(args, dict):
+                    raise InvalidInput(f"events[{i}]: op {op!r} with args {type(args).__name__}: use op one of "
+                                       f"{', '.join(WRITE_OPS)} and args an object")
+                method = getattr(self, op)
+                try:
+                    bound = inspect.signature(method).bind(**{k: _backref(v, results) for k, v in args.items()})
+                except TypeError as e:
+                    raise InvalidInput(f"events[{i}] ({op}): {e}") from None
+                try:
+                    results.append(method(*bound.args, **bound.kwargs))
+                except (InvalidInput, NotFound, Conflict) as e:
+                    raise type(e)(f"events[{i}] ({op}): {e}") from None
+        return results
 
     def _read(self, fn: Callable[[Session], T]) -> T:
         try:
@@ -395,6 +447,17 @@ def _served_node(s: Session, model_ref: Any, deployment_name: str) -> int:
                 quantization="none", manifest_hash=""))
     s.flush()
     return nid
+
+
+def _backref(value: Any, results: list[Any]) -> Any:
+    if isinstance(value, str) and value.startswith("$") and value[1:].isdigit():
+        i = int(value[1:])
+        if i >= len(results):
+            raise InvalidInput(f"{value}: refers to event {i}, but only {len(results)} came before it")
+        return results[i]
+    if isinstance(value, list):
+        return [_backref(v, results) for v in value]
+    return value
 
 
 def _k8s_ref(ref: Any) -> dict | None:
