@@ -59,13 +59,14 @@ class Integrations:
         except Exception as e:  # noqa: BLE001 - network, HTTP 5xx, auth: all retried later
             raise LineageDown(f"lineage {what} failed at {self.config.lineage_url}: {type(e).__name__}: {e}") from e
 
-    def start_run(self, run: S.TrainingRun, k8s_ref: str, kind: str = "TrainingRun") -> str:
-        init = run.spec.init_from
+    def start_run(self, run: S.TrainingRun, kind: str = "TrainingRun") -> str:
+        pipeline = run.metadata.labels.get("flashops.dev/pipeline")
+        extra = {"pipeline": pipeline} if pipeline else {}
         lineage_id = self._call(
             "start_run", "start_run", name=run.name, kind=kind, stage=run.spec.stage, spec=run.spec.to_dict(),
-            spec_hash=run.spec_hash(), k8s_ref=k8s_ref,
+            spec_hash=run.spec_hash(), k8s_ref=k8s_ref(run),
             consumed=tuple(u for u in [run.spec.data.uri if run.spec.data else None] if u),
-            initialized_from=init,
+            initialized_from=run.spec.init_from, **extra,
         )
         return str(lineage_id)
 
@@ -75,9 +76,11 @@ class Integrations:
     def resolve(self, ref: str) -> dict:
         return self._call("resolve", "resolve", ref) or {}
 
-    def add_deployment(self, model_id: Any, deployment: S.ModelDeployment, k8s_ref: str) -> str:
-        return str(self._call("add_deployment", "add_deployment", model_id, deployment.name,
-                              deployment.metadata.namespace, k8s_ref, deployment.spec.canary_traffic_percent or 100))
+    def add_deployment(self, model: Any, deployment: S.ModelDeployment) -> str:
+        """`model`: a lineage id or the model/checkpoint URI being served."""
+        return str(self._call("add_deployment", "add_deployment", model, deployment.name,
+                              deployment.metadata.namespace, k8s_ref(deployment),
+                              deployment.spec.canary_traffic_percent if deployment.spec.canary_traffic_percent is not None else 100))
 
     def close_deployment(self, lineage_id: str) -> None:
         self._call("close_deployment", "close_deployment", _as_id(lineage_id))
@@ -100,6 +103,12 @@ class Integrations:
         if ref is None:
             return None
         return str(getattr(ref, "uri", ref))
+
+
+def k8s_ref(obj: S._Object) -> dict:
+    """How lineage points back at the Kubernetes object (uid survives renames; labels carry the pipeline)."""
+    return {"apiVersion": S.API_GROUP_VERSION, "kind": obj.kind, "namespace": obj.metadata.namespace,
+            "name": obj.name, "uid": obj.metadata.uid, "labels": dict(obj.metadata.labels)}
 
 
 def _as_id(value: str) -> Any:

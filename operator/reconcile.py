@@ -149,7 +149,7 @@ def reconcile_training_run(kube: Kube, ext: Integrations, config: OperatorConfig
     lineage_id = old.get("lineageId")
     if ext.lineage_enabled and not lineage_id:
         try:
-            lineage_id = status["lineageId"] = ext.start_run(run, k8s_ref=f"{namespace}/TrainingRun/{name}")
+            lineage_id = status["lineageId"] = ext.start_run(run)
         except LineageDown as e:
             notes.append(f"lineage not recorded yet (will retry): {e}")
             retry_after = config.retry_seconds
@@ -167,8 +167,11 @@ def reconcile_training_run(kube: Kube, ext: Integrations, config: OperatorConfig
     child_name = C.child_name(name, retries)
     try:
         child = kube.get(job_api, job_plural, namespace, child_name)
-        if child is None and old.get("state") == "Succeeded":
-            phase = Phase("Succeeded", "Succeeded", _condition_message(old, "Succeeded") or "the run succeeded")
+        final = old.get("state") == "Succeeded" or (old.get("state") == "Failed" and retries >= limit)
+        if child is None and final and old.get("children"):
+            # The final child was removed by someone: the run stays as it ended; it never reruns by itself.
+            state = old["state"]
+            phase = Phase(state, _condition_reason(old, state) or state, _condition_message(old, state) or f"the run {state.lower()}")
         else:
             if child is None:
                 child = create_attempt(retries)
@@ -230,6 +233,10 @@ def reconcile_training_run(kube: Kube, ext: Integrations, config: OperatorConfig
     return Outcome(status=status, retry_after=retry_after, permanent=permanent, reason=phase.message)
 
 
+def _condition_reason(status: dict, ctype: str) -> str:
+    return next((c.get("reason", "") for c in status.get("conditions") or [] if c.get("type") == ctype), "")
+
+
 def _condition_message(status: dict, ctype: str) -> str:
     return next((c.get("message", "") for c in status.get("conditions") or [] if c.get("type") == ctype), "")
 
@@ -271,7 +278,7 @@ def delete_training_run(kube: Kube, ext: Integrations, config: OperatorConfig, b
     status = body.get("status") or {}
     if status.get("lineageId") and not status.get("lineageClosed") and ext.lineage_enabled:
         try:
-            ext.finish_run(status["lineageId"], "deleted", {"retries": status.get("retries", 0)})
+            ext.finish_run(status["lineageId"], "cancelled", {"retries": status.get("retries", 0)})
         except LineageDown:
             if not give_up_on_lineage:
                 raise
@@ -290,7 +297,7 @@ def reconcile_training_pipeline(kube: Kube, ext: Integrations, config: OperatorC
         if not isinstance(pipeline, S.TrainingPipeline):
             raise SpecError([f"expected a TrainingPipeline, got {pipeline.kind}"])
         for i in range(len(pipeline.spec.stages)):  # every stage must be runnable before the first starts
-            C.build_job(_with_owner(S.pipeline_stage_run(pipeline, i, "s3://check/only" if i else None), body), 0, config)
+            C.build_job(_with_owner(S.pipeline_stage_run(pipeline, i, None), body), 0, config)
     except (SpecError, C.InvalidObject) as e:
         return _invalid(kube, TRAININGPIPELINE, body, str(e))
 
@@ -457,12 +464,9 @@ def reconcile_model_deployment(kube: Kube, ext: Integrations, config: OperatorCo
             status["children"] = [_ref(isvc)]
             status["url"] = (isvc.get("status") or {}).get("url")
             status["latestCheckpoint"] = model_uri
-            if ext.lineage_enabled and not old.get("lineageId"):
+            if ext.lineage_enabled and (not old.get("lineageId") or old.get("latestCheckpoint") != model_uri):
                 try:
-                    info = ext.resolve(model_uri)
-                    model_id = info.get("model_id") or info.get("id")
-                    if model_id is not None:
-                        status["lineageId"] = ext.add_deployment(model_id, md, f"{namespace}/InferenceService/{name}")
+                    status["lineageId"] = ext.add_deployment(model_uri, md)
                 except LineageDown as e:
                     phase = Phase(phase.state, phase.reason, f"{phase.message}; lineage not recorded yet (will retry): {e}")
                     retry_after = config.retry_seconds
