@@ -2,8 +2,7 @@
 real PostgreSQL, and the HTTP client against a real uvicorn server (PostgreSQL behind it)."""
 import pytest
 
-READER, WRITER = "reader-token-123", "writer-token-456"
-TOKENS = {READER: frozenset({"read"}), WRITER: frozenset({"read", "write"})}
+from lineage._graph import TOKENS, WRITER
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
