@@ -70,7 +70,7 @@ class ObjectMeta(BaseModel):
 
 
 class ModelRef(Spec):
-    """Which architecture: a preset plus field overrides (e.g. {numLayers: 2})."""
+    """Which architecture: a preset plus overrides of flashops.model.config.JoyAIConfig fields (e.g. {n_layers: 2})."""
 
     preset: str = "joyai-flash-debug"
     overrides: dict[str, int | float | bool | str] = Field(default_factory=dict)

@@ -36,12 +36,39 @@ def validate(
             for line in e.problems:
                 err.print(line, markup=False, highlight=False, soft_wrap=True)
             continue
+        problems = [p for o in objs for p in model_config_problems(o, f.name)]
+        if problems:
+            failed = True
+            for line in problems:
+                err.print(line, markup=False, highlight=False, soft_wrap=True)
+            continue
         for o in objs:
             extra = f" stage={o.spec.stage}" if o.kind == "TrainingRun" else (
                 f" stages={'->'.join(s.name for s in o.spec.stages)}" if o.kind == "TrainingPipeline" else f" source={o.spec.source}")
             out.print(f"{f.name}: {o.kind}/{o.name}: OK{extra}", markup=False, highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(EXIT_USAGE)
+
+
+def model_config_problems(obj, source: str) -> list[str]:
+    """Checks that need the model's config (torch-free): preset overrides that don't fit the architecture."""
+    from flashops.model.config import ConfigError, get_config
+
+    if obj.kind == "TrainingRun":
+        specs = [("spec", obj.spec)]
+    elif obj.kind == "TrainingPipeline":
+        specs = [(f"spec.stages[{i}].spec", s.spec) for i, s in enumerate(obj.spec.stages)]
+    else:
+        return []
+    problems = []
+    for path, spec in specs:
+        try:
+            get_config(spec.model.preset, spec.model.overrides)
+        except ConfigError as e:
+            problems.append(f"{source}: {obj.kind}/{obj.name}: {path}.model.overrides.{e.field}: {e.value!r}: {e.fix}")
+        except ValueError as e:
+            problems.append(f"{source}: {obj.kind}/{obj.name}: {path}.model: {e}")
+    return problems
 
 
 def crds() -> None:

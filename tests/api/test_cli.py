@@ -55,3 +55,17 @@ def test_help_teaches_with_examples():
 def test_version():
     out = flashops("version")
     assert out.returncode == 0 and out.stdout.startswith("flashops ") and "flashops.dev/v1alpha1" in out.stdout
+
+
+def test_validate_checks_model_overrides_against_the_architecture(tmp_path):
+    f = tmp_path / "runs.yaml"
+    f.write_text(
+        "apiVersion: flashops.dev/v1alpha1\nkind: TrainingRun\nmetadata: {name: a}\n"
+        "spec: {stage: sft, model: {overrides: {n_layer: 2}}}\n---\n"
+        "apiVersion: flashops.dev/v1alpha1\nkind: TrainingRun\nmetadata: {name: b}\n"
+        "spec: {stage: sft, model: {overrides: {top_k: 20}}}\n")
+    out = flashops("validate", "-f", str(f))
+    assert out.returncode == 2
+    assert "runs.yaml: TrainingRun/a: spec.model.overrides.n_layer: 2: unknown field" in out.stderr
+    assert "did you mean 'n_layers'?" in out.stderr
+    assert "runs.yaml: TrainingRun/b: spec.model.overrides.top_k: 20: top_k cannot exceed num_experts (8)" in out.stderr
