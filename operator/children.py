@@ -134,7 +134,7 @@ def resolve_s3(storage: S.S3AccessSpec | None, config: OperatorConfig, uris: lis
         endpoint=host.rstrip("/"), secure=secure,
         region=(storage.region if storage else None) or config.s3_region,
         credentials_secret=(storage.credentials_secret if storage else None) or config.s3_secret,
-        ca_bundle_secret=storage.ca_bundle_secret if storage else None,
+        ca_bundle_secret=(storage.ca_bundle_secret if storage else None) or config.s3_ca_bundle_secret,
     )
 
 

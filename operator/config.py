@@ -29,6 +29,7 @@ class OperatorConfig:
     s3_secure: bool | None = None  # TLS to the store; None: from the endpoint URL (https:// -> on)
     s3_region: str = "us-east-1"
     s3_secret: str = "flashops-s3"  # Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    s3_ca_bundle_secret: str | None = None  # Secret with key ca.crt, mounted into pods for a private CA
     lineage_url: str | None = None  # lineage HTTP service; None: lineage is not recorded by the operator
     lineage_secret: str | None = "flashops-lineage"  # Secret with key `token` for the lineage API
     namespace: str | None = None  # watch one namespace; None: the whole cluster
@@ -40,6 +41,7 @@ class OperatorConfig:
         "runtime": "FLASHOPS_RUNTIME", "image": "FLASHOPS_IMAGE", "trainjob_runtime": "FLASHOPS_TRAINJOB_RUNTIME",
         "checkpoint_root": "FLASHOPS_CHECKPOINT_ROOT", "s3_endpoint": "FLASHOPS_S3_ENDPOINT",
         "s3_secure": "FLASHOPS_S3_SECURE", "s3_region": "FLASHOPS_S3_REGION", "s3_secret": "FLASHOPS_S3_SECRET",
+        "s3_ca_bundle_secret": "FLASHOPS_S3_CA_BUNDLE_SECRET",
         "lineage_url": "FLASHOPS_LINEAGE_URL", "lineage_secret": "FLASHOPS_LINEAGE_SECRET",
         "namespace": "FLASHOPS_WATCH_NAMESPACE", "resync_seconds": "FLASHOPS_RESYNC_SECONDS",
         "retry_seconds": "FLASHOPS_RETRY_SECONDS", "workers": "FLASHOPS_OPERATOR_WORKERS",

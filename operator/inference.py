@@ -17,7 +17,7 @@ from typing import Any
 
 from flashops.api import spec as S
 from flashops.operator.children import (
-    LABEL_MANAGED_BY, child_labels, owner_references, resolve_s3, resources, serialize, storage_env, _k8s,
+    CA_DIR, LABEL_MANAGED_BY, child_labels, owner_references, resolve_s3, resources, serialize, storage_env, _k8s,
 )
 from flashops.operator.config import OperatorConfig
 
@@ -51,6 +51,8 @@ def build_inference_service(deployment: S.ModelDeployment, model_uri: str, confi
 
     spec = deployment.spec
     res = resources(spec.resources)
+    s3 = resolve_s3(spec.storage, config, [model_uri])
+    ca = s3.ca_bundle_secret if s3 else None
     container = k.V1Container(
         name="kserve-container",  # KServe's name for the model server container of a custom predictor
         image=spec.image or config.image,
@@ -60,12 +62,14 @@ def build_inference_service(deployment: S.ModelDeployment, model_uri: str, confi
         ports=[k.V1ContainerPort(container_port=PREDICTOR_PORT, protocol="TCP")],
         resources=_k8s("V1ResourceRequirements", res) if res else None,
         readiness_probe=k.V1Probe(http_get=k.V1HTTPGetAction(path="/v1/models", port=PREDICTOR_PORT)),
+        volume_mounts=[k.V1VolumeMount(name="s3-ca", mount_path=CA_DIR, read_only=True)] if ca else None,
     )
     predictor = V1beta1PredictorSpec(
         min_replicas=spec.replicas.min, max_replicas=spec.replicas.max,
         canary_traffic_percent=spec.canary_traffic_percent,
         container_concurrency=spec.max_concurrency,  # Knative queues (then 429s) beyond what the model serves at once
         containers=[container],
+        volumes=[k.V1Volume(name="s3-ca", secret=k.V1SecretVolumeSource(secret_name=ca))] if ca else None,
     )
     labels = child_labels(deployment)
     isvc = V1beta1InferenceService(
