@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fixtures.helm import CHART, NAMESPACE, VALUE_SETS, find, pod_templates, run_helm
+from fixtures.helm import CHART, NAMESPACE, VALUE_SETS, container_env, find, pod_templates, run_helm
 
 pytestmark = pytest.mark.helm
 
@@ -74,8 +74,7 @@ def test_value_sets_render_what_they_say(rendered):
 
 def _env(objs, deployment, container=None):
     spec = find(objs, "Deployment", deployment)[0]["spec"]["template"]["spec"]
-    c = next(c for c in spec["containers"] if container in (None, c["name"]))
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
+    return container_env(next(c for c in spec["containers"] if container in (None, c["name"])))
 
 
 def test_operator_settings_follow_the_values(rendered):

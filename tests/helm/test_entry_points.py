@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import typer
 
-from fixtures.helm import NAMESPACE, VALUE_SETS, find
+from fixtures.helm import NAMESPACE, VALUE_SETS, container_env, find
 
 pytestmark = pytest.mark.helm
 
@@ -24,15 +24,7 @@ def container(objs, deployment: str, name: str) -> dict:
 
 def env_of(c: dict) -> dict[str, str]:
     """The container's environment as the kubelet would set it (Secrets replaced by stand-ins)."""
-    out = {}
-    for e in c["env"]:
-        if "value" in e:
-            out[e["name"]] = e["value"]
-        elif "secretKeyRef" in e["valueFrom"]:
-            out[e["name"]] = FAKE_SECRETS[e["valueFrom"]["secretKeyRef"]["key"]]
-        elif "fieldRef" in e["valueFrom"]:
-            out[e["name"]] = NAMESPACE
-    return out
+    return container_env(c, FAKE_SECRETS)
 
 
 def cli_command(*path: str):
