@@ -1,0 +1,156 @@
+"""Training throughput on CPU: forward + backward + AdamW tokens/s and peak memory, flashops' JoyAIFlash vs
+Hugging Face transformers' DeepseekV3 (same configuration, same weights layout) vs torchtitan's own
+deepseek_v3 debug model. Each measurement runs in a fresh process (so peak RSS is its own), and the
+implementations alternate A B C A B C ... so machine drift shows up as spread, not as a bias.
+
+    .venv/bin/python benchmarks/model_throughput.py                 # debug, small and the torchtitan debug config
+    .venv/bin/python benchmarks/model_throughput.py --rounds 3 --steps 5 --batch 2 --seq 256 --threads 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+# torchtitan's debugmodel (33M) expressed as a JoyAIConfig: same shapes, so all three are comparable.
+TT_DEBUG = dict(preset="tt-debug", vocab_size=2048, dim=256, n_layers=6, n_dense_layers=1, dense_hidden_dim=1024,
+                n_heads=16, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                v_head_dim=128, num_experts=8, top_k=3, num_shared_experts=2, moe_hidden_dim=256, max_seq_len=4096)
+
+
+def _config(name):
+    from flashops.model.config import JoyAIConfig, get_config
+
+    return JoyAIConfig(**TT_DEBUG).validate() if name == "tt-debug" else get_config(name)
+
+
+def _build(impl, cfg_name):
+    """(model, step_loss_fn(tokens) -> loss)."""
+    import torch
+    import torch.nn.functional as F
+
+    if impl == "torchtitan":
+        from torch.nn.attention.flex_attention import flex_attention
+        from torchtitan.models.common.attention import FlexAttention
+        from torchtitan.models.deepseek_v3 import deepseekv3_configs
+
+        FlexAttention._compiled_flex_attn = staticmethod(flex_attention)  # eager on CPU (see _torchtitan_compat)
+        model = deepseekv3_configs["debugmodel"](attn_backend="flex", moe_comm_backend="standard").build()
+        model.init_states()
+
+        def loss_fn(tokens):
+            positions = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+            logits = model(tokens[:, :-1], positions[:, :-1], model.get_attention_masks(positions[:, :-1]))
+            return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+        return model, loss_fn, 2048
+    cfg = _config(cfg_name)
+    if impl == "transformers":
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+        from flashops.model.hf import hf_config_dict
+
+        data = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("flashops", "architectures")}
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**data))
+
+        def loss_fn(tokens):
+            logits = model(tokens[:, :-1]).logits
+            return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+        return model, loss_fn, cfg.vocab_size
+    from flashops.model import JoyAIFlash
+
+    model = JoyAIFlash(cfg)
+    with_mtp = impl == "flashops+mtp"
+
+    def loss_fn(tokens):
+        out = model(tokens[:, :-1], mtp=with_mtp)
+        loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+        if with_mtp:
+            loss = loss + 0.1 * F.cross_entropy(out.mtp_logits[:, 1:].flatten(0, 1), tokens[:, 2:].flatten())
+        return loss
+
+    return model, loss_fn, cfg.vocab_size
+
+
+def measure_one(impl, cfg_name, batch, seq, steps, warmup, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model, loss_fn, vocab = _build(impl, cfg_name)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, vocab, (batch, seq + 1))
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = loss_fn(tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if hasattr(model, "update_router_bias"):
+            model.update_router_bias()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"tok_s": batch * seq / statistics.median(times), "peak_mib": (peak - base_rss) / 1024,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", default="tt-debug,joyai-flash-debug,joyai-flash-small")
+    ap.add_argument("--one", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(*args.one, args.batch, args.seq, args.steps, args.warmup, args.threads)))
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
+    results = {}
+    for cfg_name in args.configs.split(","):
+        impls = ["flashops", "transformers"] + (["torchtitan"] if cfg_name == "tt-debug" else ["flashops+mtp"])
+        for r in range(args.rounds):
+            for impl in impls:  # A B C A B C: drift shows as spread
+                cmd = [sys.executable, __file__, "--one", impl, cfg_name, "--batch", str(args.batch), "--seq",
+                       str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
+                       str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if out.returncode:
+                    print(f"{impl} {cfg_name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                results.setdefault((cfg_name, impl), []).append(res)
+                print(f"  round {r + 1} {cfg_name:18s} {impl:13s} {res['tok_s']:8.0f} tok/s  {res['peak_mib']:7.0f} MiB",
+                      file=sys.stderr)
+    print(f"\nfwd+bwd+AdamW on CPU, fp32, batch {args.batch} x {args.seq}, {args.threads} threads, "
+          f"{args.rounds} alternating rounds (median of {args.steps} steps each)\n")
+    print(f"{'config':18s} {'implementation':14s} {'params':>8s} {'tok/s median':>13s} {'min..max':>15s} "
+          f"{'peak MiB':>9s} {'vs transformers':>16s}")
+    for cfg_name in args.configs.split(","):
+        hf = results.get((cfg_name, "transformers"))
+        hf_med = statistics.median(r["tok_s"] for r in hf) if hf else None
+        for (c, impl), rs in results.items():
+            if c != cfg_name:
+                continue
+            toks = [r["tok_s"] for r in rs]
+            med = statistics.median(toks)
+            ratio = f"{med / hf_med:.2f}x" if hf_med else "-"
+            print(f"{c:18s} {impl:14s} {rs[0]['params_m']:7.1f}M {med:13.0f} {min(toks):7.0f}..{max(toks):<7.0f} "
+                  f"{max(r['peak_mib'] for r in rs):9.0f} {ratio:>16s}")
+
+
+if __name__ == "__main__":
+    main()
