@@ -173,7 +173,7 @@ def resources(spec: S.ResourcesSpec) -> dict[str, Any]:
         req["memory"] = spec.memory
     lim = dict(req)
     if spec.gpu:
-        lim["nvidia.com/gpu"] = spec.gpu
+        lim["nvidia.com/gpu"] = str(spec.gpu)  # quantities are strings on the wire
     return {k: v for k, v in (("requests", req), ("limits", lim)) if v}
 
 
