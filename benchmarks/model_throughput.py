@@ -35,11 +35,19 @@ def _build(impl, cfg_name):
     import torch.nn.functional as F
 
     if impl == "torchtitan":
-        from torch.nn.attention.flex_attention import flex_attention
-        from torchtitan.models.common.attention import FlexAttention
         from torchtitan.models.deepseek_v3 import deepseekv3_configs
 
-        FlexAttention._compiled_flex_attn = staticmethod(flex_attention)  # eager on CPU (see _torchtitan_compat)
+        # torch 2.13 has no flex-attention backward on CPU (eager or compiled), so torchtitan's model cannot
+        # train here as shipped. Closest faithful stand-in: flex's unfused semantics, i.e. the block mask's
+        # mask_mod materialised densely and applied in SDPA (what eager flex does in forward).
+        from torch.nn.attention.flex_attention import create_mask
+        from torchtitan.models.common.attention import FlexAttention
+
+        def unfused_flex(q, k, v, *, score_mod, block_mask, scale, enable_gqa, return_aux, kernel_options):
+            mask = create_mask(block_mask.mask_mod, q.shape[0], 1, q.shape[2], k.shape[2], device=q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
+
+        FlexAttention._compiled_flex_attn = staticmethod(unfused_flex)
         model = deepseekv3_configs["debugmodel"](attn_backend="flex", moe_comm_backend="standard").build()
         model.init_states()
 
