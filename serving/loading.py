@@ -6,7 +6,9 @@ load full-precision or INT4 weights, wrap it in the engine, the limiter and the 
 An export (flashops.storage `export_model`) holds:
     config.json           the JoyAIConfig (`JoyAIConfig.to_dict()`, or {"model": {...}})
     model.safetensors     full-precision weights, JoyAIFlash state_dict names
-    model-int4.safetensors + int4.json   (optional) INT4 routed experts from the QAT export, and its report
+    model-int4.safetensors  (optional) INT4 routed experts from the QAT export (flashops.model.export.save_int4:
+                          packed weights + fp32 group scales, config and error report in its metadata)
+    int4.json             (optional) {"logit_tolerance": ...}: max |logit| change measured at export
     tokenizer.json        (optional) a `tokenizers` file; else the committed tokenizer
 """
 from __future__ import annotations
@@ -96,21 +98,21 @@ def read_config(directory: Path):
 
 def load_model(directory: Path, quantization: str = "none"):
     """JoyAIFlash with the export's weights; INT4 routed experts when asked and present."""
-    import torch
     from safetensors.torch import load_file
 
     from flashops.model import JoyAIFlash
 
-    cfg = read_config(directory)
-    model = JoyAIFlash(cfg)  # real init: builds the non-persistent buffers (RoPE tables) the file lacks
     weights = directory / WEIGHTS_FILE
     if quantization == "int4":
         if not (directory / INT4_FILE).is_file():
             raise LoadError(f"quantization int4 asked but {directory / INT4_FILE} is missing: "
-                            "export the QAT model with INT4 experts, or serve with quantization: none")
-        from flashops.serving.int4 import load_int4_model
+                            "export the QAT model with save_int4(), or serve with quantization: none")
+        from flashops.model.export import read_int4
 
-        return load_int4_model(model, directory / INT4_FILE, weights), cfg
+        model = read_int4(directory / INT4_FILE)  # experts stay packed; dequantized per group in the matmul
+        return model.eval(), model.arch
+    cfg = read_config(directory)
+    model = JoyAIFlash(cfg)  # real init: builds the non-persistent buffers (RoPE tables) the file lacks
     if not weights.is_file():
         raise LoadError(f"{weights}: missing; an export needs {WEIGHTS_FILE}")
     state = load_file(str(weights))

@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.responses import StreamingResponse
 
+from flashops.model.tokenizer import END_THINK as THINK_END
+from flashops.model.tokenizer import THINK as THINK_START
 from flashops.serving.predictor import FlashPredictor
 from flashops.serving.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                        ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
@@ -23,7 +25,6 @@ from flashops.serving.protocol import (AssistantMessage, ChatChoice, ChatChunkCh
 from flashops.serving.sampling import SamplingParams
 
 PREFIX = "/openai/v1"
-THINK_START, THINK_END = "<think>", "</think>"
 
 
 def mount_openai(app: FastAPI, models: dict[str, FlashPredictor]) -> None:

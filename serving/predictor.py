@@ -83,7 +83,7 @@ class FlashPredictor(Model):
                 code="context_length_exceeded")
         try:
             return SamplingParams(max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, room), temperature=temperature,
-                                  top_p=top_p, seed=seed, stop=tuple(stop))
+                                  top_p=top_p, seed=seed, stop=tuple(stop or ()))
         except ValueError as e:
             raise OpenAIError(400, str(e)) from None
 
@@ -136,7 +136,10 @@ class FlashPredictor(Model):
         text_input = request.get_input_by_name("text_input")
         if text_input is None:
             raise InvalidInput('expected an input named "text_input" with datatype BYTES')
-        prompts = text_input.as_string()
+        if text_input.datatype != "BYTES":
+            raise InvalidInput(f'input "text_input" has datatype {text_input.datatype}: use BYTES')
+        # not InferInput.as_string(): it assumes bytes, but JSON requests carry str
+        prompts = [d.decode() if isinstance(d, bytes) else str(d) for d in _flat(text_input.data)]
         params = dict(request.parameters or {})
         unknown = set(params) - set(SAMPLING_FIELDS)
         if unknown:
@@ -170,3 +173,9 @@ def _int(value: Any, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return value
+
+
+def _flat(data: Any) -> list[Any]:
+    if isinstance(data, (list, tuple)):
+        return [x for item in data for x in _flat(item)]
+    return [data]

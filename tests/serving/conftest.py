@@ -65,7 +65,7 @@ def train_debug_model(steps: int = 30, seed: int = 0):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
     for _ in range(steps):
-        batch = torch.tensor([tok.encode(t).ids for t in letter_walk(16, 33, g)])
+        batch = torch.tensor([tok.encode(t).ids for t in letter_walk(8, 33, g)])
         inp, tgt = batch[:, :-1], batch[:, 1:]
         out = model(inp)
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), tgt.flatten())
@@ -78,11 +78,16 @@ def train_debug_model(steps: int = 30, seed: int = 0):
     return model.eval(), cfg, tok, losses
 
 
+CALIBRATION = "abcdefghijklmnopqrstuvwxyzabcdefghij"
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """(model, cfg, tokenizer, model_uri) of the trained debug model, exported to a file:// store."""
+    """(model, cfg, tokenizer, model_uri) of the trained debug model, exported to a file:// store with
+    full-precision and INT4 weights; int4.json records the logit change measured at export."""
     from safetensors.torch import save_file
 
+    from flashops.model.export import read_int4, save_int4
     from flashops.storage import open_store
 
     model, cfg, tok, losses = train_debug_model()
@@ -91,7 +96,13 @@ def trained(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(cfg.to_dict()))
     tok.save(str(d / "tokenizer.json"))
+    report = save_int4(d / "model-int4.safetensors", model)
+    calib = torch.tensor([tok.encode(CALIBRATION).ids])
+    with torch.inference_mode():
+        delta = (read_int4(d / "model-int4.safetensors")(calib, mtp=False).logits - model(calib, mtp=False).logits)
+    (d / "int4.json").write_text(json.dumps({"logit_tolerance": float(delta.abs().max()), "calibration": CALIBRATION,
+                                             "relative_rmse": report["relative_rmse"]}))
     store_dir = tmp_path_factory.mktemp("store")
-    ref = open_store(f"file://{store_dir}").export_model(
-        "letters", "v1", {f: d / f for f in ("model.safetensors", "config.json", "tokenizer.json")})
+    files = ("model.safetensors", "config.json", "tokenizer.json", "model-int4.safetensors", "int4.json")
+    ref = open_store(f"file://{store_dir}").export_model("letters", "v1", {f: d / f for f in files})
     return model, cfg, tok, ref.uri
