@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from flashops.serving.loading import LoadError, ServeOptions, load_predictor
     from flashops.serving.server import run
+    from flashops.storage import StoreError
 
     try:
         options = ServeOptions(model_uri=args.model, name=args.name, quantization=args.quantization,
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     run([predictor], host=args.host, port=args.port)
     return 0
 
