@@ -1,0 +1,199 @@
+"""The rl stage: rollouts with a KV cache, verifiable rewards, group-relative advantages, several policy
+updates per rollout batch (FiberPO, GRPO or GSPO), the difficulty curriculum, optional KL to a reference.
+
+One training step = one rollout batch (promptsPerStep prompts x groupSize samples) followed by
+updatesPerBatch optimizer steps on it. The first update is on-policy; the later ones are where the
+ratio drifts and where the losses differ. Before the first and after the last step the policy answers
+a held-out set of RL prompts (greedy and sampled), which `flashops run` prints side by side.
+
+    from flashops.trainers.rl import generate, evaluate
+    completions = generate(model, [prompt_ids], n=4, max_new=16, temperature=1.0, generator=g, eos=1)
+"""
+from __future__ import annotations
+
+import torch
+
+from flashops.trainers.corpora import BuiltinDataset, eval_tasks, row_task
+from flashops.trainers.curriculum import CurriculumSampler, target_pass_rate
+from flashops.trainers.losses import POLICY_LOSSES, group_advantages, kl_penalty, token_logprobs
+from flashops.trainers.stages import Stage, _to_tensor, frozen_copy, split_micro
+from flashops.trainers.tasks import DOMAINS, Task, reward
+
+
+def _reset_expert_counts(model) -> None:
+    """Rollout and evaluation forwards must not count toward the router-bias update's load."""
+    for moe in getattr(model, "moe_layers", []):
+        counts = moe.tokens_per_expert_E
+        (counts.to_local() if hasattr(counts, "to_local") else counts).zero_()
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], n: int, max_new: int, temperature: float,
+             generator: torch.Generator | None, eos: int, pad: int = 2, stop_early: bool = True) -> list[list[int]]:
+    """n completions per prompt (prompt-major order), each up to max_new tokens ending at the first eos.
+    Rows whose prompts have the same length are decoded together with one KV cache."""
+    was_training = model.training
+    model.eval()
+    out: list[list[int] | None] = [None] * (len(prompts) * n)
+    buckets: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        buckets.setdefault(len(p), []).append(i)
+    for length in sorted(buckets):
+        rows = [(i, j) for i in buckets[length] for j in range(n)]
+        x = torch.tensor([prompts[i] for i, _ in rows], dtype=torch.long)
+        b = x.shape[0]
+        cache = model.new_cache(b, length + max_new)
+        logits = model(x, cache=cache, start_pos=0).logits[:, -1]
+        done = torch.zeros(b, dtype=torch.bool)
+        gen = torch.full((b, max_new), pad, dtype=torch.long)
+        for t in range(max_new):
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            gen[:, t] = nxt
+            done |= nxt == eos
+            if (stop_early and bool(done.all())) or t + 1 == max_new:
+                break
+            logits = model(nxt.unsqueeze(1), cache=cache, start_pos=length + t).logits[:, -1]
+        for k, (i, j) in enumerate(rows):
+            ids = gen[k].tolist()
+            out[i * n + j] = ids[: ids.index(eos) + 1] if eos in ids else ids
+    _reset_expert_counts(model)
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def evaluate(model, tasks: list[Task], codec, max_new: int = 16, samples: int = 4, temperature: float = 1.0,
+             seed: int = 0) -> dict:
+    """Greedy accuracy and sampled mean reward on `tasks`, overall and per domain."""
+    prompts = [codec.prompt([{"role": "user", "content": t.question}], thinking=False) for t in tasks]
+    greedy = generate(model, prompts, 1, max_new, 0.0, None, codec.eos, codec.pad)
+    g = torch.Generator().manual_seed(seed)
+    sampled = generate(model, prompts, samples, max_new, temperature, g, codec.eos, codec.pad)
+    per_domain: dict[str, list[float]] = {}
+    g_scores, s_scores = [], []
+    for i, t in enumerate(tasks):
+        gs = reward(t, codec.decode(greedy[i]))
+        ss = sum(reward(t, codec.decode(sampled[i * samples + j])) for j in range(samples)) / samples
+        g_scores.append(gs)
+        s_scores.append(ss)
+        per_domain.setdefault(t.domain, []).append(gs)
+    return {
+        "greedy_accuracy": sum(g_scores) / len(g_scores),
+        "sampled_reward": sum(s_scores) / len(s_scores),
+        "per_domain_greedy": {d: sum(v) / len(v) for d, v in sorted(per_domain.items())},
+        "prompts": len(tasks),
+        "examples": [{"question": tasks[i].question, "expected": tasks[i].answer,
+                      "answer": codec.decode(greedy[i]).replace("<eos>", "")} for i in range(0, len(tasks), max(1, len(tasks) // 4))][:4],
+    }
+
+
+def rollout_batch(prompts: list[list[int]], completions: list[list[int]], n: int, width: int, pad: int):
+    """tokens (N, W) = prompt + completion (right-padded) and the response mask on targets (N, W-1)."""
+    seqs, masks = [], []
+    for k, c in enumerate(completions):
+        p = prompts[k // n]
+        seqs.append(p + c)
+        masks.append([0] * len(p) + [1] * len(c))
+    w = min(width, max(len(s) for s in seqs))
+    tokens = _to_tensor(seqs, w, pad)
+    mask = _to_tensor(masks, w, 0)[:, 1:]
+    return tokens, mask
+
+
+class RLStage(Stage):
+    name = "rl"
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        spec = trainer.spec
+        self.p = spec.rl
+        self.seed = spec.training.seed
+        domains = tuple(self.p.domains or DOMAINS)
+        if isinstance(self.dataset, BuiltinDataset):
+            self.pool = [t for t in self.dataset.pool if t.domain in domains]
+            self.eval_set = eval_tasks(4, self.seed, domains)
+        else:
+            self.pool = [row_task(r) for r in self.dataset.rows]
+            self.eval_set = self.pool[: min(48, len(self.pool))]
+        self.sampler = CurriculumSampler([t.domain for t in self.pool], spec.training.steps, self.p.curriculum)
+        self.loss_fn = POLICY_LOSSES[self.p.algorithm]
+        self.reference = frozen_copy(trainer.model) if self.p.kl_coef > 0 else None
+        self.eval_before = evaluate(trainer.model, self.eval_set, self.codec, self.p.max_new_tokens,
+                                    temperature=self.p.temperature, seed=self.seed)
+
+    def state_dict(self) -> dict:
+        return {"cursor": torch.tensor(self.cursor), "curriculum": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+        self.sampler.load_state_dict(state["curriculum"])
+
+    def _logprobs(self, model, tokens):
+        out = model(tokens[:, :-1], mtp=False)
+        return token_logprobs(out.logits, tokens[:, 1:]), out.logits
+
+    def train_step(self, step: int) -> dict:
+        tr, p = self.tr, self.p
+        idx = self.sampler.sample(step, p.prompts_per_step, self.seed)
+        tasks = [self.pool[i] for i in idx]
+        prompts = [self.codec.prompt([{"role": "user", "content": t.question}], thinking=False) for t in tasks]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        completions = generate(tr.model, prompts, p.group_size, p.max_new_tokens, p.temperature, g,
+                               self.codec.eos, self.codec.pad, stop_early=tr.dist.world_size == 1)
+        rewards = torch.tensor([reward(tasks[k // p.group_size], self.codec.decode(c))
+                                for k, c in enumerate(completions)], dtype=torch.float32)
+        self.sampler.update(idx, rewards.view(-1, p.group_size).mean(-1).tolist())
+        self.cursor += len(idx)
+        adv = group_advantages(rewards, p.group_size)
+        tokens, mask = rollout_batch(prompts, completions, p.group_size, self.seq_len + 1, self.codec.pad)
+        adv_tok = adv.unsqueeze(1).expand_as(mask).contiguous().float()
+        n = tokens.shape[0]
+        micro = tr.spec.training.micro_batch_size or n
+        with torch.no_grad():
+            old = torch.cat([self._logprobs(tr.model, tokens[sl])[0] for sl in split_micro(n, micro)])
+            ref = (torch.cat([self._logprobs(self.reference, tokens[sl])[0] for sl in split_micro(n, micro)])
+                   if self.reference is not None else None)
+        _reset_expert_counts(tr.model)
+        losses, ratio_mean, ratio_max, entropy, kls = [], 0.0, 0.0, 0.0, 0.0
+        for _ in range(p.updates_per_batch):
+            total = 0.0
+            r_sum, r_max, ent_sum, kl_sum = 0.0, 0.0, 0.0, 0.0
+            for sl in split_micro(n, micro):
+                lp, logits = self._logprobs(tr.model, tokens[sl])
+                loss, st = self.loss_fn(lp, old[sl], adv_tok[sl], mask[sl], eps=p.eps, delta=p.delta,
+                                        c_plus=p.c_plus_value, c_minus=p.c_minus_value)
+                if ref is not None:
+                    kl = kl_penalty(lp, ref[sl], mask[sl])
+                    loss = loss + p.kl_coef * kl
+                    kl_sum += float(kl) * (sl.stop - sl.start) / n
+                frac = (lp.shape[0]) / n
+                tr.backward(loss * frac)
+                total += float(loss.detach()) * frac
+                with torch.no_grad():
+                    m = mask[sl].float()
+                    ratio = torch.exp((lp - old[sl]) * m)
+                    r_sum += float((ratio * m).sum())
+                    r_max = max(r_max, float((ratio * m).max()))
+                    logp = torch.log_softmax(logits.float(), -1)
+                    ent = -(logp.exp() * logp).sum(-1)
+                    ent_sum += float((ent * m).sum())
+            stats = tr.optimizer_step()
+            n_resp = float(mask.sum().clamp(min=1))
+            losses.append(total)
+            ratio_mean, ratio_max, entropy, kls = r_sum / n_resp, r_max, ent_sum / n_resp, kl_sum
+        stats.update(loss=sum(losses) / len(losses), reward=float(rewards.mean()), ratio_mean=ratio_mean,
+                     ratio_max=ratio_max, entropy=entropy, response_len=float(mask.sum(-1).float().mean()),
+                     target_pass_rate=target_pass_rate(step, tr.spec.training.steps),
+                     tokens=int(tokens.numel()) * (p.updates_per_batch + 1))
+        if self.reference is not None:
+            stats["kl"] = kls
+        return stats
+
+    def on_end(self) -> dict:
+        after = evaluate(self.tr.model, self.eval_set, self.codec, self.p.max_new_tokens,
+                         temperature=self.p.temperature, seed=self.seed)
+        return {"eval_before": self.eval_before, "eval_after": after}
