@@ -1,0 +1,46 @@
+"""INT4 serving loads the packed export and stays within the logit tolerance measured at export; the
+continuous-batching backend (per-row positions and cache slots) equals JoyAIFlash.forward row by row."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from flashops.model.qat import disable_qat, enable_qat
+from flashops.serving.backend import JoyAIBackend
+from flashops.serving.loading import ServeOptions, fetch, load_predictor
+
+
+def test_int4_predictor_keeps_experts_packed_and_logits_within_export_tolerance(trained, tmp_path):
+    model, _, tok, uri = trained
+    predictor = load_predictor(ServeOptions(model_uri=uri, quantization="int4", max_len=64, cache_dir=str(tmp_path)))
+    served = predictor.engine.backend.model
+    assert all(b.dtype == torch.uint8 for n, b in served.named_buffers() if n.endswith("_qweight"))
+    assert not any("routed_experts" in n for n, _ in served.named_parameters())  # no float expert weights
+    measured = json.loads((fetch(uri, str(tmp_path)) / "int4.json").read_text())
+    tolerance, ids = measured["logit_tolerance"], tok.encode(measured["calibration"]).ids
+    logits, _ = predictor.engine.backend.forward([0], torch.tensor([ids]), [0])
+    with torch.inference_mode():
+        full = model(torch.tensor([ids]), mtp=False).logits
+        enable_qat(model)  # the same rounded weights, dequantized up front
+        fake_quant = model(torch.tensor([ids]), mtp=False).logits
+        disable_qat(model)
+    assert 0 < (logits - full).abs().max() <= tolerance * 1.01 + 1e-5
+    assert torch.allclose(logits, fake_quant, atol=1e-4)
+
+
+def test_backend_batches_rows_at_different_positions_like_the_model(trained):
+    model = trained[0]
+    backend = JoyAIBackend(model, slots=3, max_len=48)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(3, 259, (1, 12), generator=g), torch.randint(3, 259, (1, 7), generator=g)
+    with torch.inference_mode():
+        ref_a, ref_b = model(a, mtp=False), model(b, mtp=False)
+        full_mtp = model(a).mtp_logits
+    backend.forward([2], a[:, :9], [0])  # slot 2 at position 9, slot 0 at position 5: one batched pass
+    backend.forward([0], b[:, :5], [0])
+    logits, hidden = backend.forward([2, 0], torch.cat([a[:, 9:11], b[:, 5:7]]), [9, 5])
+    assert torch.allclose(logits[0], ref_a.logits[0, 9:11], atol=1e-4)
+    assert torch.allclose(logits[1], ref_b.logits[0, 5:7], atol=1e-4)
+    mtp_logits, _ = backend.mtp([1], ref_a.hidden[:, :-1], a[:, 1:], [0])
+    assert torch.allclose(mtp_logits[0], full_mtp[0, 1:], atol=1e-4)
