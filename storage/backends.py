@@ -251,6 +251,7 @@ class S3Backend(ObjectBackend):
                                    "or http(s)://host[:port] in FLASHOPS_S3_ENDPOINT") from e
         self._ready_lock = threading.Lock()
         self._ready = False
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- naming
     def _key(self, key: str) -> str:
@@ -365,8 +366,14 @@ class S3Backend(ObjectBackend):
         self._call(f"upload {self.url(key)}", put)
 
     def open_writer(self, key: str) -> HashingWriter:
-        buf = io.BytesIO()
-        return HashingWriter(buf, lambda: self.put_bytes(key, buf.getbuffer()), buf.close)
+        sink = _MultipartSink(self, key)
+        return HashingWriter(sink, sink.commit, sink.abort)
+
+    def _part_pool(self) -> ThreadPoolExecutor:
+        with self._ready_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.settings.parallelism * 2, thread_name_prefix="s3-part")
+            return self._pool
 
     def _stat_size(self, key: str) -> int:
         return self._call(f"stat {self.url(key)}", lambda: self.client.stat_object(self.bucket, self._key(key)).size)
@@ -429,6 +436,83 @@ class S3Backend(ObjectBackend):
             return True
         except ObjectNotFoundError:
             return False
+
+
+class _MultipartSink:
+    """Streams one object up while it is being written: every full part goes up at once (in parallel,
+    at most `parallelism` parts in flight per object, which also bounds memory); commit completes the
+    multipart upload, so the object appears all at once or not at all. Small objects use one PUT."""
+
+    def __init__(self, backend: S3Backend, key: str):
+        self.b, self.key = backend, key
+        self.part_size = backend.settings.part_size
+        self.buf = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list = []  # (part_number, future -> etag)
+        self.slots = threading.BoundedSemaphore(backend.settings.parallelism)
+
+    def write(self, mv: memoryview) -> None:
+        pos = 0
+        while pos < len(mv):
+            take = min(self.part_size - len(self.buf), len(mv) - pos)
+            self.buf += mv[pos : pos + take]
+            pos += take
+            if len(self.buf) == self.part_size:
+                part, self.buf = self.buf, bytearray()
+                self._submit(part)
+
+    def _submit(self, part: bytearray) -> None:
+        b = self.b
+        obj = b._key(self.key)
+        if self.upload_id is None:
+            self.upload_id = b._call(f"start upload of {b.url(self.key)}",
+                                     lambda: b.client._create_multipart_upload(b.bucket, obj, {}))
+        number = len(self.parts) + 1
+        self.slots.acquire()
+
+        def upload() -> str:
+            try:
+                return b._call(f"upload part {number} of {b.url(self.key)}",
+                               lambda: b.client._upload_part(b.bucket, obj, bytes(part), None, self.upload_id, number))
+            finally:
+                self.slots.release()
+
+        self.parts.append((number, b._part_pool().submit(upload)))
+
+    def commit(self) -> None:
+        from minio.datatypes import Part
+
+        b = self.b
+        if self.upload_id is None:
+            b.put_bytes(self.key, self.buf)
+            return
+        try:
+            if self.buf:
+                self._submit(self.buf)
+                self.buf = bytearray()
+            etags = [Part(n, f.result()) for n, f in self.parts]
+            b._call(f"complete upload of {b.url(self.key)}",
+                    lambda: b.client._complete_multipart_upload(b.bucket, b._key(self.key), self.upload_id, etags))
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.buf = bytearray()
+        if self.upload_id is None:
+            return
+        for _, f in self.parts:
+            f.cancel()
+        for _, f in self.parts:
+            try:
+                f.result()
+            except BaseException:
+                pass
+        try:  # best effort: an unfinished upload is invisible anyway and the server expires it
+            self.b.client._abort_multipart_upload(self.b.bucket, self.b._key(self.key), self.upload_id)
+        except Exception as e:
+            log.warning("could not abort the multipart upload of %s: %s", self.b.url(self.key), e)
+        self.upload_id = None
 
 
 def _default_ca_bundle() -> str | None:

@@ -1,9 +1,10 @@
 """Child process for the multi-process storage tests (not a test module itself).
 
-    python tests/storage/dist_worker.py save|load STORE_URI RANK WORLD PORT
+    python tests/storage/dist_worker.py reshard STORE_URI SAVE_WORLD LOAD_WORLD
     python tests/storage/dist_worker.py slow-save STORE_URI
 
-save/load: gloo process group of WORLD ranks; "experts" is a DTensor of shape [NUM_EXPERTS, 4, 2] sharded on
+reshard: forks SAVE_WORLD ranks that save (gloo), then LOAD_WORLD ranks that load (forking after the
+imports keeps this to one interpreter start on a 2-core machine); "experts" is a DTensor of shape [NUM_EXPERTS, 4, 2] sharded on
 dim 0 whose every value encodes where it belongs (expert*100 + row*10 + col), like an expert-parallel MoE
 weight; load checks that each rank received exactly the experts DTensor assigns to it.
 slow-save: saves step 1 (small), then step 2 (large, many shards) so the parent can SIGKILL it mid-save.
@@ -49,7 +50,35 @@ def main() -> None:
         print("step 2 saved", flush=True)
         return
 
-    rank, world, port = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    save_world, load_world = int(sys.argv[3]), int(sys.argv[4])
+    for phase, world in (("save", save_world), ("load", load_world)):
+        if not run_ranks(phase, uri, world):
+            sys.exit(1)
+
+
+def run_ranks(mode: str, uri: str, world: int) -> bool:
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=rank_main, args=(mode, uri, r, world, port)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    ok = all(p.exitcode == 0 for p in procs)
+    if not ok:
+        print(f"{mode} at world size {world} failed: exit codes {[p.exitcode for p in procs]}", flush=True)
+    return ok
+
+
+def rank_main(mode: str, uri: str, rank: int, world: int, port: int) -> None:
+    from flashops.storage import open_store
+
+    store = open_store(uri)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from torch.distributed.device_mesh import init_device_mesh
 
