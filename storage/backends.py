@@ -94,6 +94,10 @@ class ObjectBackend:
     def delete(self, keys: list[str]) -> None: ...
     def exists(self, key: str) -> bool: ...
     def ensure_ready(self, for_write: bool) -> bool: ...
+    def incomplete(self, prefix: str) -> list[str]: ...
+    def discard_incomplete(self, prefix: str) -> int:
+        """Drop writes under prefix that never committed (a killed save); returns how many."""
+        ...
 
     def get_to_file(self, key: str, dest: Path) -> tuple[int, str]:
         data = self.get_bytes(key)
@@ -210,6 +214,16 @@ class FileBackend(ObjectBackend):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def incomplete(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob(".*.partial")) if base.is_dir() else []
+
+    def discard_incomplete(self, prefix: str) -> int:
+        found = self.incomplete(prefix)
+        for key in found:
+            self._path(key).unlink(missing_ok=True)
+        return len(found)
 
 
 # ---------------------------------------------------------------- s3://
@@ -436,6 +450,29 @@ class S3Backend(ObjectBackend):
             return True
         except ObjectNotFoundError:
             return False
+
+    def _uploads(self, prefix: str) -> list:
+        out, marker = [], None
+        for _ in range(100):  # pages of 1000
+            page = self._call(f"list unfinished uploads under {self.url(prefix)}",
+                              lambda: self.client._list_multipart_uploads(self.bucket, prefix=self._key(prefix),
+                                                                          key_marker=marker, max_uploads=1000))
+            out += page.uploads
+            if not page.is_truncated or not page.next_key_marker:
+                break
+            marker = page.next_key_marker
+        return out
+
+    def incomplete(self, prefix: str) -> list[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(u.object_name[strip:] for u in self._uploads(prefix))
+
+    def discard_incomplete(self, prefix: str) -> int:
+        uploads = self._uploads(prefix)
+        for u in uploads:
+            self._call(f"abort unfinished upload of {u.object_name}",
+                       lambda: self.client._abort_multipart_upload(self.bucket, u.object_name, u.upload_id))
+        return len(uploads)
 
 
 class _MultipartSink:

@@ -205,9 +205,9 @@ class CheckpointStore:
         names = {o.key.split("/")[1] for o in self.backend.list("runs/") if o.key.count("/") >= 2}
         return sorted(names)
 
-    def _scan_run(self, run: str) -> tuple[list[tuple[int, Manifest | None, dict[str, int]]], dict[int, list[str]]]:
-        """Every step directory of a run (newest first) with its manifest (None if missing/unreadable)
-        and its listed objects; plus the pins per step."""
+    def _scan_run(self, run: str) -> tuple[list[tuple[int, dict[str, int]]], dict[int, list[str]]]:
+        """Every step directory of a run, newest first, with its objects {name: size}; and pins per step.
+        One listing; manifests are read only when needed (`_manifest_of`)."""
         listing: dict[int, dict[str, int]] = defaultdict(dict)
         pins: dict[int, list[str]] = defaultdict(list)
         for o in self.backend.list(f"runs/{run}/"):
@@ -218,17 +218,16 @@ class CheckpointStore:
             m = _STEP_DIR.match(parts[2]) if len(parts) >= 4 else None
             if m:
                 listing[int(m[1])]["/".join(parts[3:])] = o.size
-        steps = []
-        for step in sorted(listing, reverse=True):
-            objs = listing[step]
-            manifest = None
-            if MANIFEST_NAME in objs:
-                try:
-                    manifest = self._read_manifest(self._step_prefix(run, step) + MANIFEST_NAME)
-                except (CorruptObjectError, ObjectNotFoundError) as e:
-                    log.warning("ignoring checkpoint %s: %s", self.checkpoint_uri(run, step), e)
-            steps.append((step, manifest, objs))
-        return steps, pins
+        return [(step, listing[step]) for step in sorted(listing, reverse=True)], pins
+
+    def _manifest_of(self, run: str, step: int, objs: dict[str, int]) -> Manifest | None:
+        if MANIFEST_NAME not in objs:
+            return None
+        try:
+            return self._read_manifest(self._step_prefix(run, step) + MANIFEST_NAME)
+        except (CorruptObjectError, ObjectNotFoundError) as e:
+            log.warning("ignoring checkpoint %s: %s", self.checkpoint_uri(run, step), e)
+            return None
 
     def _complete(self, run: str, step: int, manifest: Manifest | None, objs: dict[str, int], warn: bool) -> bool:
         uri = self.checkpoint_uri(run, step)
@@ -258,7 +257,10 @@ class CheckpointStore:
         out = []
         for r in runs:
             steps, _ = self._scan_run(r)
-            out += [self._ref(r, s, m) for s, m, objs in reversed(steps) if self._complete(r, s, m, objs, warn=True)]
+            for s, objs in reversed(steps):
+                m = self._manifest_of(r, s, objs)
+                if self._complete(r, s, m, objs, warn=True):
+                    out.append(self._ref(r, s, m))
         return out
 
     def latest(self, run: str) -> CheckpointRef | None:
@@ -268,7 +270,8 @@ class CheckpointStore:
         if not self.backend.ensure_ready(for_write=False):
             return None
         steps, _ = self._scan_run(run)
-        for step, manifest, objs in steps:
+        for step, objs in steps:
+            manifest = self._manifest_of(run, step, objs)
             if self._complete(run, step, manifest, objs, warn=True):
                 return self._ref(run, step, manifest)
         return None
@@ -330,9 +333,10 @@ class CheckpointStore:
                 # Drop the manifest first so the checkpoint stops existing before its shards change.
                 self.backend.delete([prefix + MANIFEST_NAME])
             leftovers = [k for k in existing if k != prefix + MANIFEST_NAME]
-            if leftovers:
-                log.warning("removing %d leftover object(s) of an earlier, unfinished save of %s",
-                            len(leftovers), uri)
+            unfinished = self.backend.discard_incomplete(prefix)
+            if leftovers or unfinished:
+                log.warning("removing %d leftover object(s) and %d unfinished write(s) of an earlier save of %s",
+                            len(leftovers), unfinished, uri)
                 self.backend.delete(leftovers)
 
         dcp.run_everywhere(prepare)
@@ -395,7 +399,8 @@ class CheckpointStore:
         bad = [f"{r}/step-{s}" for r, s in pinned_steps if r != run]
         if bad:
             raise StoreConfigError(f"pinned={bad} are not checkpoints of run {run!r}")
-        steps, pins = self._scan_run(run)
+        scanned, pins = self._scan_run(run)
+        steps = [(s, self._manifest_of(run, s, objs), objs) for s, objs in scanned]
         pinned_set = {s for _, s in pinned_steps} | set(pins)
         complete = [(s, m) for s, m, objs in steps if self._complete(run, s, m, objs, warn=False)]
         newest = complete[0][0] if complete else None
@@ -413,6 +418,8 @@ class CheckpointStore:
                 if newest is None or step > newest:
                     continue  # possibly a save in progress
                 removed.append(uri)
+                if not dry_run:
+                    self.backend.discard_incomplete(prefix)
             else:
                 deleted.append(uri)
             if not dry_run:

@@ -42,6 +42,8 @@ def test_kill_mid_save_leaves_previous_checkpoint_as_latest(store_uri, request, 
     assert proc.returncode == -signal.SIGKILL
 
     left = [o.key for o in store.backend.list("runs/crash/step-2/")]
+    # the kill really landed mid-save: some shards committed, others still being written
+    assert store.backend.incomplete("runs/crash/step-2/"), "the save finished before the kill; test proves nothing"
     assert "runs/crash/step-2/manifest.json" not in left, "killed before the manifest: it must not exist"
     with caplog.at_level(logging.WARNING, logger="flashops.storage"):
         ref = store.latest("crash")
@@ -50,7 +52,8 @@ def test_kill_mid_save_leaves_previous_checkpoint_as_latest(store_uri, request, 
     with pytest.raises(CheckpointNotFoundError):
         store.verify(f"{store.uri}/runs/crash/step-2")
 
-    # Resume: load step 1, save step 2 again; the crashed leftovers are replaced, not mixed in.
+    # Resume: load step 1, save step 2 again; the crashed leftovers (objects and unfinished multipart
+    # uploads / .partial files) are replaced, not mixed in.
     target = {"w": torch.zeros(1024)}
     store.load_checkpoint(ref, target)
     assert torch.equal(target["w"], torch.ones(1024))
@@ -59,3 +62,4 @@ def test_kill_mid_save_leaves_previous_checkpoint_as_latest(store_uri, request, 
     keys = {o.key.split("/")[-1] for o in store.backend.list("runs/crash/step-2/")}
     assert keys == set(store.read_manifest(store.latest("crash"))["objects"]) | {"manifest.json"}
     store.verify(store.latest("crash"))
+    assert store.backend.incomplete("runs/crash/") == []
