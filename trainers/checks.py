@@ -6,6 +6,7 @@ the checkpoint a run starts from, the process count. One error names the field, 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,14 @@ class Plan:
         pipeline = run.metadata.labels.get("flashops.dev/pipeline")
         return lineage.start_run(run.metadata.name, "TrainingRun", run.spec.stage, run.spec.to_dict(), run.spec_hash(),
                                  consumed=[ds], initialized_from=self.init_uri, pipeline=pipeline)
+
+
+_ALIASES = {"num_layers": "n_layers", "num_heads": "n_heads", "num_dense_layers": "n_dense_layers"}
+
+
+def _snake(key: str) -> str:
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+    return _ALIASES.get(snake, snake)
 
 
 def _fail(field: str, value, fix: str):
@@ -78,8 +87,9 @@ def preflight(run: TrainingRun, store=None, lineage=None, *, check_init: bool = 
 
     spec = run.spec
     tr = spec.training
-    try:
-        cfg = get_config(spec.model.preset, spec.model.overrides)
+    try:  # YAML spells fields in camelCase (numLayers); the model config in snake_case (n_layers)
+        overrides = {_snake(k): v for k, v in spec.model.overrides.items()}
+        cfg = get_config(spec.model.preset, overrides)
     except ConfigError as e:
         raise SpecValueError(f"spec.model.overrides: {e}") from e
     vocab = load_tokenizer().get_vocab_size()

@@ -15,6 +15,7 @@ the RNG state and any stage state (the RL curriculum's pass rates), so a killed 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,7 +189,9 @@ class Trainer:
         self.lineage_run_id = None
         resumed = self.try_resume()
         if self.lineage is not None and self.dist.rank == 0:
-            self.lineage_run_id = self.plan.start_lineage(self.lineage, self.run)
+            # the operator starts the lineage run itself and hands its id to the pod
+            given = os.environ.get("FLASHOPS_LINEAGE_RUN_ID")
+            self.lineage_run_id = int(given) if given else self.plan.start_lineage(self.lineage, self.run)
         total = self.spec.training.steps
         every = self.spec.checkpoint.every
         last_ref = None

@@ -20,7 +20,7 @@ def lr_at(step: int, total: int, opt) -> float:
         return lr * (step + 1) / warm
     if opt.schedule == "constant":
         return lr
-    span = max(total - warm, 1)
+    span = max(total - warm - 1, 1)  # the last step reaches min_lr
     progress = min(max(step - warm, 0) / span, 1.0)
     if opt.schedule == "cosine":
         return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,132 @@
+"""Each stage runs a few steps on the debug model through the real store and lineage (SQLite); resume is
+exact; bad specs and missing data fail before any compute."""
+import json
+import math
+
+import pytest
+import torch
+
+from flashops.trainers.errors import DataError, ResumeError, SpecValueError
+from flashops.trainers.runner import run_training
+
+
+def _lineage(home):
+    from flashops.api.lineage import open_lineage
+
+    return open_lineage(f"sqlite:///{home}/lineage.db")
+
+
+@pytest.mark.slow
+def test_four_stages_chain_through_store_and_lineage(home, store, tiny_run):
+    lin = _lineage(home)
+    pre = run_training(tiny_run("t-pre", "pretrain", pretrain={"mtpFromStep": 1}), store, lin)
+    assert pre.steps == 2 and pre.checkpoint_uri.endswith("runs/t-pre/step-2")
+    assert "mtp_loss" in pre.history[-1] and "mtp_loss" not in pre.history[0]  # MTP from step 1 (0-based)
+    for row in pre.history:
+        assert {"loss", "lr", "grad_norm", "expert_imbalance", "tokens_per_s"} <= set(row)
+        assert math.isfinite(row["loss"]) and row["expert_imbalance"] >= 1.0
+    sft = run_training(tiny_run("t-sft", "sft", initFrom="t-pre"), store, lin)  # a run name, via lineage
+    dpo = run_training(tiny_run("t-dpo", "dpo", initFrom=sft.checkpoint_uri), store, lin)
+    assert dpo.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
+    assert {"reward_margin", "reward_accuracy"} <= set(dpo.history[0])
+    rl = run_training(tiny_run("t-rl", "rl", initFrom=dpo.checkpoint_uri, training={"steps": 1, "seqLen": 32},
+                               rl={"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4,
+                                   "updatesPerBatch": 2, "klCoef": 0.01}), store, lin)
+    assert {"reward", "ratio_mean", "ratio_max", "entropy", "kl"} <= set(rl.history[0])
+    assert rl.metrics["eval_before"]["prompts"] == rl.metrics["eval_after"]["prompts"] == 48
+    # lineage: the rl run descends from the pretrain checkpoint through sft and dpo
+    ancestors = json.dumps(lin.ancestors(lin.find(rl.checkpoint_uri), depth=20))
+    assert pre.checkpoint_uri in ancestors and "builtin:rl-tasks" in ancestors
+    # the store holds verified checkpoints with the model config
+    assert store.meta(rl.checkpoint_uri).model_config["preset"] == "joyai-flash-debug"
+
+
+def _losses(result):
+    return [(r["step"], r["loss"]) for r in result.history]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,optimizer,extra", [
+    ("pretrain", "muon", {"training": {"steps": 4, "batchSize": 4, "microBatchSize": 2, "seqLen": 32},
+                          "pretrain": {"mtpFromStep": 2}}),
+])
+def test_killed_run_resumes_exactly(home, store, stage, optimizer, extra, tiny_run):
+    """Uninterrupted run vs one that dies after step 3 (checkpoint at step 2) and is started again."""
+    from flashops.storage import open_store
+
+    spec = dict(extra, optimizer={"name": optimizer, "lr": 3e-3, "schedule": "wsd", "warmupSteps": 1},
+                checkpoint={"every": 2, "keep": 3})
+    full = run_training(tiny_run("whole", stage, **spec), store, False)
+    crashed_store = open_store(f"file://{home}/store2")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_training(tiny_run("whole", stage, **spec), crashed_store, False, crash_after=3)
+    assert crashed_store.latest("whole").step == 2
+    resumed = run_training(tiny_run("whole", stage, **spec), crashed_store, False)
+    assert resumed.resumed_from == 2
+    got, want = dict(_losses(resumed)), dict(_losses(full))
+    assert sorted(got) == [3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), (step, got[step], want[step])
+    # the final weights agree too (router biases included)
+    a, b = {"model": {}}, {"model": {}}
+    from flashops.model import JoyAIFlash, get_config
+
+    m1, m2 = JoyAIFlash(get_config("joyai-flash-debug")), JoyAIFlash(get_config("joyai-flash-debug"))
+    store.load_checkpoint(full.checkpoint_uri, {"model": m1.state_dict()})
+    crashed_store.load_checkpoint(resumed.checkpoint_uri, {"model": m2.state_dict()})
+    for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.allclose(v1, v2, atol=1e-6), k
+    assert any("expert_bias" in k and v.abs().sum() > 0 for k, v in m1.state_dict().items())
+
+
+@pytest.mark.slow
+def test_rl_resume_restores_curriculum_and_rollouts(home, store, tiny_run):
+    spec = dict(training={"steps": 2, "seqLen": 32}, checkpoint={"every": 1, "keep": 3},
+                rl={"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4})
+    base = run_training(tiny_run("rl-base", "pretrain"), store, False)
+    full = run_training(tiny_run("rl-x", "rl", initFrom=base.checkpoint_uri, **spec), store, False)
+    from flashops.storage import open_store
+
+    s2 = open_store(f"file://{home}/store2")
+    with pytest.raises(RuntimeError):
+        run_training(tiny_run("rl-x", "rl", initFrom=base.checkpoint_uri, **spec), s2, False, crash_after=1)
+    resumed = run_training(tiny_run("rl-x", "rl", initFrom=base.checkpoint_uri, **spec), s2, False)
+    assert resumed.resumed_from == 1
+    assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], abs=1e-6)
+    assert resumed.history[-1]["reward"] == full.history[-1]["reward"]
+
+
+def test_resume_refuses_a_changed_spec(home, store, tiny_run):
+    run_training(tiny_run("same-name", "pretrain", training={"steps": 1}), store, False)
+    with pytest.raises(ResumeError, match="different spec"):
+        run_training(tiny_run("same-name", "pretrain", training={"steps": 1}, optimizer={"lr": 0.5}), store, False)
+
+
+@pytest.mark.parametrize("spec,error,match", [
+    ({"training": {"seqLen": 4096}}, SpecValueError, "training.seqLen"),
+    ({"model": {"overrides": {"vocabSize": 512}}}, SpecValueError, "vocabSize"),
+    ({"model": {"overrides": {"topK": 16}}}, SpecValueError, "top_k cannot exceed num_experts"),
+    ({"model": {"overrides": {"numLayer": 2}}}, SpecValueError, "did you mean 'n_layers'"),
+    ({"optimizer": {"lr": 1e-3, "minLr": 1e-2}}, SpecValueError, "optimizer.minLr"),
+    ({"parallelism": {"procsPerNode": 2}}, SpecValueError, "torchrun --nproc-per-node 2"),
+    ({"data": {"uri": "file:///nonexistent/corpus.jsonl"}}, DataError, "no such file"),
+    ({"data": {"uri": "builtin:sft-chat"}}, DataError, "builtin:pretrain-text"),
+    ({"initFrom": "no-such-run"}, DataError, "no checkpoint found"),
+])
+def test_bad_specs_fail_before_any_compute(home, store, spec, error, match, monkeypatch, tiny_run):
+    import flashops.model.model as model_module
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built before the spec was checked")
+
+    monkeypatch.setattr(model_module.JoyAIFlash, "__init__", no_model)
+    with pytest.raises(error, match=match):
+        run_training(tiny_run("bad", "pretrain", **spec), store, False)
+    assert store.latest("bad") is None
+
+
+def test_rl_and_dpo_need_a_starting_policy(home, store, tiny_run):
+    with pytest.raises(SpecValueError, match="initFrom"):
+        run_training(tiny_run("lonely", "rl"), store, False)
+    with pytest.raises(SpecValueError, match="rl.domains"):
+        run_training(tiny_run("x", "rl", initFrom="file:///nope/runs/a/step-1", rl={"domains": ["poetry"]}), store, False)
