@@ -2,7 +2,7 @@
 
 1. keyword arguments to `open_store(uri, **overrides)`
 2. environment: FLASHOPS_S3_ENDPOINT (or AWS_ENDPOINT_URL), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-   AWS_REGION / AWS_DEFAULT_REGION, FLASHOPS_S3_SECURE, FLASHOPS_S3_CA_BUNDLE, FLASHOPS_S3_CREATE_BUCKET
+   FLASHOPS_S3_REGION / AWS_REGION / AWS_DEFAULT_REGION, FLASHOPS_S3_SECURE, FLASHOPS_S3_CA_BUNDLE, FLASHOPS_S3_CREATE_BUCKET
 3. a mounted Kubernetes Secret directory, $FLASHOPS_S3_SECRET_DIR (default /var/run/secrets/flashops/s3),
    one file per key: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, endpoint, region, ca.crt
 4. the `s3:` block of $FLASHOPS_HOME/config.yaml (FLASHOPS_HOME defaults to ~/.flashops):
@@ -108,7 +108,7 @@ def resolve_s3_settings(**overrides) -> S3Settings:
                 "endpoint": env.get("FLASHOPS_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL"),
                 "access_key": env.get("AWS_ACCESS_KEY_ID"),
                 "secret_key": env.get("AWS_SECRET_ACCESS_KEY"),
-                "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+                "region": env.get("FLASHOPS_S3_REGION") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
                 "secure": env.get("FLASHOPS_S3_SECURE"),
                 "ca_bundle": env.get("FLASHOPS_S3_CA_BUNDLE"),
                 "create_bucket": env.get("FLASHOPS_S3_CREATE_BUCKET"),
