@@ -178,6 +178,9 @@ def reconcile_training_run(kube: Kube, ext: Integrations, config: OperatorConfig
             else:
                 child = _sync_suspend(kube, child, run.spec.suspend)
             phase = job_phase(child)
+            if phase.state == "Pending" and retries and status.get("retryReason"):
+                # Keep saying why this attempt exists until it runs: the retry's cause, then the child's state.
+                phase = Phase("Pending", "Retrying", f"{status['retryReason']}; {phase.message}")
             if run.spec.suspend and phase.state not in TERMINAL:
                 phase = Phase("Suspended", "Suspended", f"{job_kind} {child_name} is suspended (spec.suspend: true); "
                               "set spec.suspend: false to resume from the latest checkpoint")
@@ -188,7 +191,7 @@ def reconcile_training_run(kube: Kube, ext: Integrations, config: OperatorConfig
                 resume = latest or f"the latest complete checkpoint under {store_uri} (none known yet)"
                 phase = Phase("Pending", "Retrying", f"{job_kind} {child_name} failed ({failed.reason}: {failed.message}); "
                               f"retry {retries}/{limit} as {C.child_name(name, retries)} resumes from {resume}")
-                status.update(retries=retries, resumedFrom=latest)
+                status.update(retries=retries, resumedFrom=latest, retryReason=phase.message)
                 if latest:
                     status["latestCheckpoint"] = latest
                 # Persist the spent retry before the new child exists: a restart here cannot reset the budget.
