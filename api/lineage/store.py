@@ -126,9 +126,11 @@ class SqlLineage:
                 finally:
                     self._local.session = None
         except IntegrityError:
-            raise Conflict("a concurrent writer recorded the same artifact while this batch ran: send the batch "
-                           "again (recording is idempotent)") from None
+            raise _Race("a concurrent writer recorded the same artifact while this batch ran: send the batch "
+                        "again (recording is idempotent)") from None
         except OperationalError as e:
+            if getattr(e.orig, "sqlstate", None) in ("40P01", "40001"):  # deadlock / serialization: retry
+                raise _Race(f"concurrent batches collided ({e.orig}): send the batch again") from None
             raise Unavailable(f"lineage database error: {e.orig}") from None
 
     def record_events(self, events: list[dict]) -> list[Any]:
@@ -137,6 +139,15 @@ class SqlLineage:
         Returns each event's result. One bad event rolls the whole batch back; the error names it."""
         if not isinstance(events, list):
             raise InvalidInput("events: expected a list of {op, args}")
+        for attempt in range(5):  # a race on a shared artifact (two batches, one dataset): the retry finds it
+            try:
+                return self._record_events(events)
+            except _Race:
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record_events(self, events: list[dict]) -> list[Any]:
         results: list[Any] = []
         with self.batch():
             for i, ev in enumerate(events):
@@ -335,6 +346,10 @@ class SqlLineage:
 
     def diff_runs(self, a: Any, b: Any) -> dict:
         return self._read(lambda s: queries.diff_runs(s, queries.find(s, a), queries.find(s, b)))
+
+
+class _Race(Conflict):
+    """A unique key taken by a concurrent transaction; retrying the whole batch resolves it."""
 
 
 # ---------------------------------------------------------------------- helpers inside one transaction
