@@ -100,9 +100,22 @@ class ObjectBackend:
         ...
 
     def get_to_file(self, key: str, dest: Path) -> tuple[int, str]:
+        """Download into a temporary file next to dest; the caller checks the hash, then renames."""
         data = self.get_bytes(key)
-        _atomic_write(dest, data)
+        _atomic_write(dest, data, durable=False)
         return len(data), sha256_of(data)
+
+    def put_file(self, key: str, src: Path) -> tuple[int, str]:
+        """Stream a local file up (never whole in memory); returns (size, sha256)."""
+        w = self.open_writer(key)
+        try:
+            with open(src, "rb", buffering=0) as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    w.write(chunk)
+        except BaseException:
+            w.abort()
+            raise
+        return w.commit()
 
 
 def _atomic_write(path: Path, data, durable: bool = True) -> None:
@@ -214,6 +227,19 @@ class FileBackend(ObjectBackend):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def get_to_file(self, key: str, dest: Path) -> tuple[int, str]:
+        h, size = hashlib.sha256(), 0
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(self._path(key), "rb", buffering=0) as src, open(dest, "wb") as out:
+                while chunk := src.read(_HASH_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        except FileNotFoundError as e:
+            raise ObjectNotFoundError(f"{self.url(key)} does not exist") from e
+        return size, h.hexdigest()
 
     def incomplete(self, prefix: str) -> list[str]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
@@ -362,9 +388,18 @@ class S3Backend(ObjectBackend):
                 if not for_write:
                     return False
                 log.info("creating bucket %s at %s", self.bucket, self.settings.url)
-                self._call(f"create bucket {self.bucket}", lambda: self.client.make_bucket(self.bucket))
+                self._call(f"create bucket {self.bucket}", self._make_bucket)
             self._ready = True
             return True
+
+    def _make_bucket(self) -> None:
+        from minio.error import S3Error
+
+        try:
+            self.client.make_bucket(self.bucket)
+        except S3Error as e:
+            if e.code != "BucketAlreadyOwnedByYou":  # another process created it first: fine
+                raise
 
     # -- operations
     def put_bytes(self, key: str, data) -> None:
@@ -392,9 +427,12 @@ class S3Backend(ObjectBackend):
     def _stat_size(self, key: str) -> int:
         return self._call(f"stat {self.url(key)}", lambda: self.client.stat_object(self.bucket, self._key(key)).size)
 
-    def _get_range(self, key: str, view: memoryview, offset: int, length: int) -> None:
+    def _get_range(self, key: str, view: memoryview, offset: int, length: int, source_offset: int | None = None) -> None:
+        """Read `length` bytes of the object at source_offset (default: offset) into view[offset:]."""
+        src = offset if source_offset is None else source_offset
+
         def get():
-            resp = self.client.get_object(self.bucket, self._key(key), offset=offset, length=length)
+            resp = self.client.get_object(self.bucket, self._key(key), offset=src, length=length)
             try:
                 got = 0
                 while got < length:
@@ -422,6 +460,29 @@ class S3Backend(ObjectBackend):
             for f in [pool.submit(self._get_range, key, view, o, n) for o, n in ranges]:
                 f.result()
         return buf
+
+    def get_to_file(self, key: str, dest: Path) -> tuple[int, str]:
+        """Parallel ranged GETs written in place (memory: one part per worker), then one hashing pass."""
+        size = self._stat_size(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = self.settings.part_size
+        with open(dest, "wb") as f:
+            f.truncate(size)
+            fd = f.fileno()
+
+            def fetch(offset: int) -> None:
+                n = min(part, size - offset)
+                buf = bytearray(n)
+                self._get_range(key, memoryview(buf), 0, n, source_offset=offset)
+                os.pwrite(fd, buf, offset)
+
+            with ThreadPoolExecutor(self.settings.parallelism) as pool:
+                list(pool.map(fetch, range(0, size, part)))
+        h = hashlib.sha256()
+        with open(dest, "rb", buffering=0) as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+        return size, h.hexdigest()
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         full = self._key(prefix)

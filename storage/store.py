@@ -16,10 +16,13 @@ Everything here is torch-free except save/load, which import `flashops.storage.d
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import time
+import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -322,9 +325,9 @@ class CheckpointStore:
         rank, world = dcp.rank_and_world()
 
         def prepare() -> None:
-            self.backend.ensure_ready(for_write=True)
             if rank != 0:
-                return
+                return  # rank 0 alone checks (or creates) the bucket and clears leftovers
+            self.backend.ensure_ready(for_write=True)
             existing = [o.key for o in self.backend.list(prefix)]
             if prefix + MANIFEST_NAME in existing:
                 if not overwrite:
@@ -477,9 +480,12 @@ class CheckpointStore:
 
         def upload(item) -> tuple[str, ObjectEntry]:
             rel, src = item
-            data = src if isinstance(src, (bytes, bytearray, memoryview)) else Path(src).read_bytes()
-            self.backend.put_bytes(prefix + rel, data)
-            return rel, ObjectEntry(len(data), sha256_of(data))
+            if isinstance(src, (bytes, bytearray, memoryview)):
+                self.backend.put_bytes(prefix + rel, src)
+                return rel, ObjectEntry(len(src), sha256_of(src))
+            if not Path(src).is_file():
+                raise StoreConfigError(f"files[{rel!r}] = {str(src)!r} is not a file")
+            return rel, ObjectEntry(*self.backend.put_file(prefix + rel, Path(src)))
 
         with ThreadPoolExecutor(4) as pool:
             objects = dict(pool.map(upload, files.items()))
@@ -518,19 +524,33 @@ class CheckpointStore:
         def fetch(item: tuple[str, ObjectEntry]) -> None:
             rel, entry = item
             target = dest / rel
-            if target.is_file() and target.stat().st_size == entry.size and \
-                    sha256_of(target.read_bytes()) == entry.sha256:
-                return
-            data = self.backend.get_bytes(prefix + rel)
-            _check_bytes(self.backend.url(prefix + rel), rel, data, entry, uri)
-            from flashops.storage.backends import _atomic_write
-
-            _atomic_write(target, data)
+            if target.is_file() and target.stat().st_size == entry.size and _file_sha256(target) == entry.sha256:
+                return  # already fetched (a restarted predictor): keep it
+            # Download next to the target, check, then rename: a bad or half download never sits at `target`.
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+            try:
+                size, sha = self.backend.get_to_file(prefix + rel, tmp)
+                if size != entry.size or sha != entry.sha256:
+                    raise CorruptObjectError(
+                        f"{self.backend.url(prefix + rel)} is corrupt: expected {entry.size} bytes with sha256 "
+                        f"{entry.sha256}, got {size} bytes with sha256 {sha}; {uri} cannot be trusted: re-export it",
+                        key=rel, expected_sha256=entry.sha256, actual_sha256=sha)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
 
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(fetch, manifest.objects.items()))
         (dest / MANIFEST_NAME).write_bytes(manifest.to_bytes())
         return dest
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(8 * 1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_bytes(url: str, key: str, data, entry: ObjectEntry, owner_uri: str) -> None:
