@@ -99,6 +99,17 @@ class ObjectBackend:
         """Drop writes under prefix that never committed (a killed save); returns how many."""
         ...
 
+    def iter_chunks(self, key: str) -> Iterator[bytes | bytearray]:
+        yield self.get_bytes(key)
+
+    def hash_object(self, key: str) -> tuple[int, str]:
+        """(size, sha256) of a stored object, streamed: memory stays at a few parts whatever the size."""
+        h, size = hashlib.sha256(), 0
+        for chunk in self.iter_chunks(key):
+            h.update(chunk)
+            size += len(chunk)
+        return size, h.hexdigest()
+
     def get_to_file(self, key: str, dest: Path) -> tuple[int, str]:
         """Download into a temporary file next to dest; the caller checks the hash, then renames."""
         data = self.get_bytes(key)
@@ -227,6 +238,14 @@ class FileBackend(ObjectBackend):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    yield chunk
+        except FileNotFoundError as e:
+            raise ObjectNotFoundError(f"{self.url(key)} does not exist") from e
 
     def get_to_file(self, key: str, dest: Path) -> tuple[int, str]:
         h, size = hashlib.sha256(), 0
@@ -460,6 +479,26 @@ class S3Backend(ObjectBackend):
             for f in [pool.submit(self._get_range, key, view, o, n) for o, n in ranges]:
                 f.result()
         return buf
+
+    def iter_chunks(self, key: str) -> Iterator[bytearray]:
+        """The object's parts in order, fetched `parallelism` ahead with ranged GETs."""
+        size = self._stat_size(key)
+        part, window = self.settings.part_size, self.settings.parallelism
+
+        def fetch(offset: int) -> bytearray:
+            buf = bytearray(min(part, size - offset))
+            self._get_range(key, memoryview(buf), 0, len(buf), source_offset=offset)
+            return buf
+
+        offsets = iter(range(0, size, part))
+        with ThreadPoolExecutor(window) as pool:
+            pending = [pool.submit(fetch, o) for o, _ in zip(offsets, range(window))]
+            while pending:
+                chunk = pending.pop(0).result()
+                nxt = next(offsets, None)
+                if nxt is not None:
+                    pending.append(pool.submit(fetch, nxt))
+                yield chunk
 
     def get_to_file(self, key: str, dest: Path) -> tuple[int, str]:
         """Parallel ranged GETs written in place (memory: one part per worker), then one hashing pass."""

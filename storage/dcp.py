@@ -73,6 +73,36 @@ def gather_to_rank0(local: Mapping[str, tuple[int, str]]) -> dict[str, tuple[int
     return merged
 
 
+class _MemoryReader(io.RawIOBase):
+    """A seekable read-only view of a downloaded shard (io.BytesIO would copy the whole buffer)."""
+
+    def __init__(self, data):
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        if n <= 0:
+            return 0
+        memoryview(b).cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
 @contextmanager
 def _quiet_single_process():
     """DCP warns on every single-process save/load; that is our normal local case, not a mistake."""
@@ -135,7 +165,7 @@ class _BackendFS(FileSystemBase):
                 from flashops.storage.store import _check_bytes
 
                 _check_bytes(self.backend.url(key), rel, data, entry, self.uri)
-            yield io.BytesIO(data)
+            yield _MemoryReader(data)
         else:
             raise ValueError(f"unsupported mode {mode!r}")
 

@@ -285,14 +285,19 @@ class CheckpointStore:
 
         def check(item: tuple[str, ObjectEntry]) -> None:
             key, entry = item
+            url = self.backend.url(prefix + key)
             try:
-                data = self.backend.get_bytes(prefix + key)
+                size, sha = self.backend.hash_object(prefix + key)
             except ObjectNotFoundError as e:
                 raise CorruptObjectError(
-                    f"{self.backend.url(prefix + key)} is missing (expected {entry.size} bytes, sha256 "
-                    f"{entry.sha256}); the checkpoint {uri} is damaged: resume from an older one", key=key,
-                    expected_sha256=entry.sha256) from e
-            _check_bytes(self.backend.url(prefix + key), key, data, entry, uri)
+                    f"{url} is missing (expected {entry.size} bytes, sha256 {entry.sha256}); {uri} is damaged: "
+                    "resume from an older checkpoint", key=key, expected_sha256=entry.sha256) from e
+            if (size, sha) != (entry.size, entry.sha256):
+                raise CorruptObjectError(
+                    f"{url} is corrupt: expected {entry.size} bytes with sha256 {entry.sha256}, got {size} bytes "
+                    f"with sha256 {sha}; {uri} cannot be trusted: resume from an older checkpoint "
+                    "(flashops checkpoints list) or re-export", key=key, expected_sha256=entry.sha256,
+                    actual_sha256=sha)
 
         with ThreadPoolExecutor(parallelism) as pool:
             list(pool.map(check, manifest.objects.items()))
