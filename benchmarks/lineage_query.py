@@ -138,7 +138,8 @@ def main() -> None:
     ap.add_argument("--pg", default=os.environ.get("FLASHOPS_TEST_PG", "127.0.0.1:5432/test"))
     ap.add_argument("--queries", type=int, default=300, help="requests per latency measurement")
     ap.add_argument("--single-pipelines", type=int, default=8, help="pipelines ingested one event per request")
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=4, help="client threads")
+    ap.add_argument("--workers", type=int, default=2, help="uvicorn worker processes (one per core)")
     a = ap.parse_args()
 
     datasets = max(10, a.nodes // 100)
@@ -153,7 +154,8 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "FLASHOPS_LINEAGE_TOKENS": f"{TOKEN}:read+write"}
-    server = subprocess.Popen([sys.executable, "-m", "flashops.api.lineage.serve", "--db", db_url, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "flashops.api.lineage.serve", "--db", db_url, "--port", str(port),
+                               "--workers", str(a.workers), "--log-level", "warning"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {TOKEN}"}

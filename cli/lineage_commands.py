@@ -121,37 +121,28 @@ def diff(a: str, b: str, target: Optional[str] = TargetOpt) -> None:
 def serve(db: Optional[str] = typer.Option(None, "--db", envvar="FLASHOPS_LINEAGE_DB",
                                            help="sqlite:///PATH or postgresql+psycopg://...; default SQLite in $FLASHOPS_HOME"),
           host: str = typer.Option("127.0.0.1", "--host"),
-          port: int = typer.Option(8080, "--port")) -> None:
+          port: int = typer.Option(8080, "--port"),
+          workers: int = typer.Option(1, "--workers", help="uvicorn worker processes (PostgreSQL; SQLite: keep 1)")) -> None:
     """Start the lineage HTTP API (OpenAPI docs at /docs). Tokens come from FLASHOPS_LINEAGE_TOKENS
     ("tok:read,tok2:read+write"), FLASHOPS_LINEAGE_TOKENS_FILE or FLASHOPS_LINEAGE_TOKEN; with none, one
     read+write token is generated and printed."""
-    import secrets
-
     from flashops.api.lineage import LineageError
-    from flashops.api.lineage.auth import SCOPES, TokenConfigError, load_tokens
+    from flashops.api.lineage.auth import TokenConfigError
+    from flashops.api.lineage.serve import run
 
     if db is not None and not db.startswith(("sqlite", "postgresql")):
         typer.echo(f"--db {db!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB", err=True)
         raise typer.Exit(EXIT_USAGE)
+    if not 1 <= workers <= 64:
+        typer.echo(f"--workers {workers}: use 1..64", err=True)
+        raise typer.Exit(EXIT_USAGE)
     try:
-        tokens = load_tokens()
+        run(db, host, port, workers, say=lambda m: typer.echo(m, err=True))
     except TokenConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(EXIT_USAGE) from None
-    if not tokens:
-        token = secrets.token_urlsafe(24)
-        tokens = {token: frozenset(SCOPES)}
-        typer.echo(f"no token configured; generated one (read+write):\n  export FLASHOPS_LINEAGE_TOKEN={token}", err=True)
-    import uvicorn
-
-    from flashops.api.lineage.serve import build
-
-    try:
-        app, store, _ = build(db, tokens)
     except LineageError as e:
         raise _fail(e) from None
-    typer.echo(f"lineage API on http://{host}:{port} (docs: /docs) over {store.engine.url!r}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 def register(app: typer.Typer) -> None:

@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -63,18 +65,50 @@ def start_in_thread(db: str | None, tokens: Tokens | None = None, host: str = "1
     return Server(f"http://{host}:{port}", tokens, store, server, thread)
 
 
+def app_from_env():
+    """The app of one uvicorn worker process (--workers N): database from FLASHOPS_LINEAGE_DB, tokens as usual."""
+    app, _, _ = build(os.environ.get("FLASHOPS_LINEAGE_DB") or None, load_tokens())
+    return app
+
+
+def run(db: str | None, host: str = "127.0.0.1", port: int = 8080, workers: int = 1,
+        log_level: str = "info", say=print) -> None:
+    """Serve in the foreground. With no token configured one read+write token is generated and shown."""
+    import uvicorn
+
+    from flashops.api.lineage.store import SqlLineage, default_sqlite_url
+
+    tokens = load_tokens()
+    if not tokens:
+        token = secrets.token_urlsafe(24)
+        os.environ["FLASHOPS_LINEAGE_TOKEN"] = token  # worker processes inherit it
+        tokens = load_tokens()
+        say(f"no token configured; generated one (read+write):\n  export FLASHOPS_LINEAGE_TOKEN={token}")
+    db = db or default_sqlite_url()
+    store = SqlLineage(db)  # migrate once, before any worker starts
+    say(f"lineage API on http://{host}:{port} (docs: /docs), {workers} worker(s), database {store.engine.url!r}")
+    if workers <= 1:
+        from flashops.api.lineage.app import create_app
+
+        uvicorn.run(create_app(store, tokens), host=host, port=port, log_level=log_level)
+        return
+    store.close()
+    os.environ["FLASHOPS_LINEAGE_DB"] = db
+    uvicorn.run("flashops.api.lineage.serve:app_from_env", factory=True, workers=workers, host=host, port=port,
+                log_level=log_level)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
-
-    import uvicorn
 
     p = argparse.ArgumentParser(description="the flashops lineage HTTP API")
     p.add_argument("--db", default=None, help="sqlite:///PATH or postgresql+psycopg://...; default SQLite in $FLASHOPS_HOME")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--log-level", default="info")
     a = p.parse_args(argv)
-    app, _, tokens = build(a.db)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    run(a.db, a.host, a.port, a.workers, a.log_level, say=lambda m: print(m, file=sys.stderr))
 
 
 if __name__ == "__main__":

@@ -73,3 +73,28 @@ def test_token_configuration(tmp_path):
     got = load_tokens({"FLASHOPS_LINEAGE_TOKENS": "env:read+write", "FLASHOPS_LINEAGE_TOKENS_FILE": str(secret),
                        "FLASHOPS_LINEAGE_TOKEN": "helm"})
     assert got == {"env": {"read", "write"}, "fromfile": {"read"}, "helm": {"read", "write"}}
+
+
+def test_concurrent_writers_sharing_a_dataset_both_succeed(lineage_server):
+    """Two operators recording runs on the same new dataset at once: the unique-key race is retried,
+    not reported, and the dataset is recorded once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def record(i):
+        lin = open_lineage(lineage_server.url, token=WRITER)
+        try:
+            # opposite orders in one batch, so concurrent batches also deadlock now and then
+            return lin.record_events([
+                {"op": "start_run", "args": {"name": f"race-{i}-{j}", "kind": "TrainingRun", "stage": "sft", "spec": {},
+                                             "spec_hash": "h", "consumed": ["s3://shared/a", "s3://shared/b"][::(-1) ** j]}}
+                for j in range(4)])
+        finally:
+            lin.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(record, range(8)))
+    assert all(len(r) == 4 for r in results)
+    lin = open_lineage(lineage_server.url, token=READER)
+    shared = lin.list_nodes(type="dataset")["items"]
+    assert sorted(d["uri"] for d in shared) == ["s3://shared/a", "s3://shared/b"]
+    assert len(lin.derived("s3://shared/a")["runs"]) == 32
