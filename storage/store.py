@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Iterable, Mapping, Union
 from urllib.parse import urlsplit
 
-from flashops.storage.backends import FileBackend, ObjectBackend, ObjectInfo, S3Backend, sha256_of
+from flashops.storage.backends import FileBackend, ObjectBackend, S3Backend, sha256_of
 from flashops.storage.errors import (
     AlreadyExistsError,
     CheckpointNotFoundError,
     CorruptObjectError,
     ObjectNotFoundError,
     StoreConfigError,
-    StoreError,
 )
 from flashops.storage.manifest import CHECKPOINT_FORMAT, MANIFEST_NAME, MODEL_FORMAT, Manifest, ObjectEntry
 from flashops.storage.settings import flashops_home, resolve_s3_settings
