@@ -101,6 +101,23 @@ def replay_one_by_one(client: httpx.Client, events: list[dict]) -> int:
     return len(events)
 
 
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU time of a process and its children (the uvicorn workers), from /proc. On a shared,
+    overloaded machine this is the load-independent cost: events per CPU-second of the API server."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            pids += [int(c) for t in Path(f"/proc/{p}/task").iterdir()
+                     for c in (t / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -177,18 +194,20 @@ def main() -> None:
 
         # 1. ingestion, one event per request, a few client threads (each thread its own connection)
         single = list(range(min(a.single_pipelines, pipelines)))
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_seconds(server.pid)
         with ThreadPoolExecutor(a.threads) as pool:
             def ingest(p):
                 with httpx.Client(base_url=url, headers=headers, timeout=120) as c:
                     return replay_one_by_one(c, pipeline_events(p, datasets))
             n_single = sum(pool.map(ingest, single))
         single_rate = n_single / (time.perf_counter() - t)
-        print(f"ingestion, 1 event/request ({a.threads} threads): {n_single:,} events, {single_rate:,.0f} events/s")
+        single_cpu = (cpu_seconds(server.pid) - cpu) / n_single * 1000
+        print(f"ingestion, 1 event/request ({a.threads} threads): {n_single:,} events, {single_rate:,.0f} events/s; "
+              f"API server CPU {single_cpu:.2f} ms/event = {1000 / single_cpu:,.0f} events per server CPU-second")
 
         # 2. the rest of the graph, one pipeline per batch request (one transaction each)
         rest = list(range(len(single), pipelines))
-        t, n_batch, last_report = time.perf_counter(), 0, time.monotonic()
+        t, n_batch, last_report, cpu = time.perf_counter(), 0, time.monotonic(), cpu_seconds(server.pid)
         with ThreadPoolExecutor(a.threads) as pool:
             def ingest_batch(p):
                 with httpx.Client(base_url=url, headers=headers, timeout=300) as c:
@@ -201,9 +220,11 @@ def main() -> None:
                     last_report = time.monotonic()
                     print(f"  ... {n_batch:,} batched events, {n_batch / (time.perf_counter() - t):,.0f} events/s", flush=True)
         batch_rate = n_batch / max(time.perf_counter() - t, 1e-9)
+        batch_cpu = (cpu_seconds(server.pid) - cpu) / max(n_batch, 1) * 1000
         total = client.get("/v1/nodes", params={"type": "deployment", "limit": 1}).json()
         print(f"ingestion, batched (1 pipeline = {len(pipeline_events(0, datasets))} events/transaction, {a.threads} threads): "
-              f"{n_batch:,} events, {batch_rate:,.0f} events/s")
+              f"{n_batch:,} events, {batch_rate:,.0f} events/s; API server CPU {batch_cpu:.2f} ms/event = "
+              f"{1000 / batch_cpu:,.0f} events per server CPU-second")
         with psycopg.connect(dsn) as c:
             c.execute(f'SET search_path TO "{schema}"')
             nodes = c.execute("SELECT count(*) FROM nodes").fetchone()[0]
