@@ -76,7 +76,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from flashops.model import JoyAIFlash
         from flashops.trainers import parallel
         from flashops.trainers.stages import make_stage
 
@@ -84,7 +83,7 @@ class Trainer:
         self.dist = parallel.init_distributed(self.spec.parallelism)
         torch.manual_seed(self.spec.training.seed)
         self.dtype = plan.dtype
-        self.model = JoyAIFlash(plan.model_config)
+        self.model = parallel.build_model(plan.model_config, self.dist, self.spec.parallelism)
         if self.spec.qat.mode == "int4":
             from flashops.model.qat import enable_qat
 
@@ -162,6 +161,19 @@ class Trainer:
         return self.step
 
     # ------------------------------------------------------------------ the loop's pieces (used by stages)
+    def all_sum(self, value: float) -> float:
+        """Sum a per-rank metric over ranks (identity in one process)."""
+        if self.dist.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t)
+
+    def all_min(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return float(t)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -169,9 +181,17 @@ class Trainer:
         """Clip, step every optimizer at the scheduled lr, nudge router biases. Returns lr, grad norm, imbalance."""
         lr = lr_at(self.opt_step, self.total_opt_steps, self.spec.optimizer)
         set_lr(self.optimizers, lr, self.spec.optimizer.lr)
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:  # every parameter gets optimizer state from step 1 (e.g. MTP before mtpFromStep),
+            if p.grad is None:  # so a checkpoint always holds the full state and resume matches it key for key
+                p.grad = torch.zeros_like(p)
         clip = self.spec.optimizer.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=False)
+        if self.dist.world_size > 1:  # torchtitan's clip knows FSDP and EP meshes (experts norm separately)
+            from torchtitan.distributed.utils import clip_grad_norm_
+
+            grad_norm = clip_grad_norm_(params, clip, foreach=False, ep_enabled=self.spec.parallelism.ep > 1)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=False)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         for o in self.optimizers:

@@ -158,6 +158,11 @@ class RLStage(Stage):
             ref = (torch.cat([self._logprobs(self.reference, tokens[sl])[0] for sl in split_micro(n, micro)])
                    if self.reference is not None else None)
         _reset_expert_counts(tr.model)
+        # every rank sampled the same rollouts (same seed); each trains on its share of them
+        rank, world = tr.dist.rank, tr.dist.world_size
+        tokens, mask, adv_tok, old = (t[rank::world] for t in (tokens, mask, adv_tok, old))
+        ref = ref[rank::world] if ref is not None else None
+        n_global, n = n, tokens.shape[0]
         losses, ratio_mean, ratio_max, entropy, kls = [], 0.0, 0.0, 0.0, 0.0
         for _ in range(p.updates_per_batch):
             total = 0.0
@@ -169,8 +174,8 @@ class RLStage(Stage):
                 if ref is not None:
                     kl = kl_penalty(lp, ref[sl], mask[sl])
                     loss = loss + p.kl_coef * kl
-                    kl_sum += float(kl) * (sl.stop - sl.start) / n
-                frac = (lp.shape[0]) / n
+                    kl_sum += float(kl.detach()) * lp.shape[0] / n_global
+                frac = lp.shape[0] * world / n_global  # x world: FSDP averages gradients over ranks
                 tr.backward(loss * frac)
                 total += float(loss.detach()) * frac
                 with torch.no_grad():
@@ -182,13 +187,14 @@ class RLStage(Stage):
                     ent = -(logp.exp() * logp).sum(-1)
                     ent_sum += float((ent * m).sum())
             stats = tr.optimizer_step()
-            n_resp = float(mask.sum().clamp(min=1))
-            losses.append(total)
-            ratio_mean, ratio_max, entropy, kls = r_sum / n_resp, r_max, ent_sum / n_resp, kl_sum
+            n_resp = max(tr.all_sum(float(mask.sum())), 1.0)
+            losses.append(tr.all_sum(total) / world)
+            ratio_mean, entropy, kls = tr.all_sum(r_sum) / n_resp, tr.all_sum(ent_sum) / n_resp, tr.all_sum(kl_sum)
+            ratio_max = -tr.all_min(-r_max) if world > 1 else r_max
         stats.update(loss=sum(losses) / len(losses), reward=float(rewards.mean()), ratio_mean=ratio_mean,
-                     ratio_max=ratio_max, entropy=entropy, response_len=float(mask.sum(-1).float().mean()),
+                     ratio_max=ratio_max, entropy=entropy, response_len=n_resp / n_global,
                      target_pass_rate=target_pass_rate(step, tr.spec.training.steps),
-                     tokens=int(tokens.numel()) * (p.updates_per_batch + 1))
+                     tokens=int(tokens.numel()) * world * (p.updates_per_batch + 1))
         if self.reference is not None:
             stats["kl"] = kls
         return stats
