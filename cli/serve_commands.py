@@ -24,7 +24,14 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="bind address; 0.0.0.0 exposes it to the network"),
     port: int = typer.Option(8080, "--port"),
 ) -> None:
-    """Serve a model with KServe's v1/v2 protocols and OpenAI routes under /openai/v1."""
+    """Serve a model with KServe's v1/v2 protocols and OpenAI routes under /openai/v1 (127.0.0.1 by default).
+
+    Examples:
+        flashops serve -f examples/quickstart.yaml          # the ModelDeployment in the file; source via lineage
+        flashops serve --model file:///root/.flashops/store/models/quickstart/step-20 --mtp-tokens 3
+        curl 127.0.0.1:8080/openai/v1/chat/completions -H 'content-type: application/json' \\
+             -d '{"model": "quickstart-chat", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}'
+    """
     if file is None and model is None:
         typer.echo("error: give a deployment (-f deployment.yaml) or a model URI (--model s3://.../models/<name>/<v>)",
                    err=True)
@@ -61,8 +68,37 @@ def serve(
         raise typer.Exit(1)
     from flashops.serving.server import run
 
+    deployment_id = _record_deployment(objs[0], options.model_uri) if file is not None else None
     typer.echo(f"serving {predictor.name} on http://{host}:{port}  (OpenAI: /openai/v1, KServe: /v1, /v2)")
-    run([predictor], host=host, port=port)
+    try:
+        run([predictor], host=host, port=port)
+    finally:
+        if deployment_id is not None:
+            _close_deployment(deployment_id)
+
+
+def _record_deployment(deployment, model_uri: str):
+    """Local serving is a deployment too: record what it serves, so `flashops lineage graph` can trace
+    it back to its data. Lineage being unavailable never stops serving; it is said once."""
+    try:
+        from flashops.api.lineage import open_lineage
+
+        did = open_lineage().add_deployment(model_uri, deployment.metadata.name, deployment.metadata.namespace,
+                                            None, deployment.spec.canary_traffic_percent or 100)
+        typer.echo(f"lineage: deployment {deployment.metadata.name} recorded as lineage:{did}")
+        return did
+    except Exception as e:  # noqa: BLE001 - any lineage failure is reported, serving goes on
+        typer.echo(f"warning: lineage not recorded for deployment {deployment.metadata.name}: {e}", err=True)
+        return None
+
+
+def _close_deployment(deployment_id) -> None:
+    try:
+        from flashops.api.lineage import open_lineage
+
+        open_lineage().close_deployment(deployment_id)
+    except Exception as e:  # noqa: BLE001
+        typer.echo(f"warning: lineage deployment lineage:{deployment_id} not closed: {e}", err=True)
 
 
 def register(app: typer.Typer) -> None:
