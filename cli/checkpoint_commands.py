@@ -24,7 +24,8 @@ out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 _RUN_URI = re.compile(r"^(?P<root>.+?)/runs/(?P<run>[^/]+)/?$")
 
-checkpoints = typer.Typer(name="checkpoints", help="List, show, verify and garbage-collect stored checkpoints.",
+checkpoints = typer.Typer(name="checkpoints", help="List, show, verify and garbage-collect stored checkpoints.\n\n"
+                          "Example:\n\n    flashops checkpoints list file://$HOME/.flashops/store",
                           no_args_is_help=True)
 
 
@@ -53,7 +54,14 @@ def _human(n: int) -> str:
 @checkpoints.command("list")
 def list_(uri: str = typer.Argument(..., help="store (s3://bucket/prefix, file:///dir) or <store>/runs/<run>"),
           as_json: bool = typer.Option(False, "--json", help="one JSON object per line")) -> None:
-    """List complete checkpoints (partial ones are skipped with a warning), oldest first."""
+    """List complete checkpoints (partial ones are skipped with a warning), oldest first.
+
+    Examples:
+
+        flashops checkpoints list file://$HOME/.flashops/store
+
+        flashops checkpoints list s3://flashops/checkpoints/runs/quickstart-pretrain --json
+    """
     from flashops.storage import StoreError
 
     try:
@@ -78,7 +86,12 @@ def list_(uri: str = typer.Argument(..., help="store (s3://bucket/prefix, file:/
 
 @checkpoints.command()
 def show(uri: str = typer.Argument(..., help="<store>/runs/<run>/step-<n> or <store>/models/<name>/<version>")) -> None:
-    """Print a checkpoint's (or exported model's) manifest: step, world size, parent, spec hash, objects."""
+    """Print a checkpoint's (or exported model's) manifest: step, world size, parent, spec hash, objects.
+
+    Example:
+
+        flashops checkpoints show file://$HOME/.flashops/store/runs/quickstart-rl/step-20
+    """
     from flashops.storage import StoreConfigError, StoreError, split_checkpoint_uri
     from flashops.storage.store import _MODEL_URI
 
@@ -108,7 +121,12 @@ def show(uri: str = typer.Argument(..., help="<store>/runs/<run>/step-<n> or <st
 @checkpoints.command()
 def verify(uri: str = typer.Argument(..., help="<store>/runs/<run>/step-<n>, <store>/runs/<run> (its latest) "
                                               "or <store>/models/<name>/<version>")) -> None:
-    """Read every object and check its size and sha256 against the manifest; exit 1 naming a bad object."""
+    """Read every object and check its size and sha256 against the manifest; exit 1 naming a bad object.
+
+    Example:
+
+        flashops checkpoints verify file://$HOME/.flashops/store/runs/quickstart-rl
+    """
     from flashops.storage import StoreConfigError, StoreError, split_checkpoint_uri
     from flashops.storage.store import _MODEL_URI
 
@@ -138,7 +156,12 @@ def gc(uri: str = typer.Argument(..., help="<store>/runs/<run>"),
        pin: Optional[List[int]] = typer.Option(None, "--pin", help="step to keep as well (repeatable)"),
        dry_run: bool = typer.Option(False, "--dry-run", help="only print what would be deleted")) -> None:
     """Delete old checkpoints of one run: keep the newest K, pinned ones (--pin, or pinned by a resume or a
-    deployment), and any save that may still be running."""
+    deployment), and any save that may still be running.
+
+    Example:
+
+        flashops checkpoints gc file://$HOME/.flashops/store/runs/quickstart-pretrain --keep 1 --dry-run
+    """
     from flashops.storage import StoreConfigError, StoreError
 
     try:

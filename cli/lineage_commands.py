@@ -21,7 +21,8 @@ import typer
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
-lineage_app = typer.Typer(help="Trace checkpoints, models and deployments back to their data; serve the lineage API.",
+lineage_app = typer.Typer(help="Trace checkpoints, models and deployments back to their data; serve the lineage API.\n\n"
+                          "Example:\n\n    flashops lineage graph quickstart-chat --up --depth 20",
                           no_args_is_help=True)
 
 TargetOpt = typer.Option(None, "--lineage", "-l", envvar="FLASHOPS_LINEAGE_URL",
@@ -60,7 +61,12 @@ def _run(target: Optional[str], fn):
 def show(ref: str = typer.Argument(..., help="lineage:<id>, a URI, or a run/deployment/pipeline/model name"),
          target: Optional[str] = TargetOpt,
          as_json: bool = typer.Option(False, "--json", help="print the raw answer")) -> None:
-    """A node with every recorded field and its direct neighbours."""
+    """A node with every recorded field and its direct neighbours.
+
+    Example:
+
+        flashops lineage show quickstart-rl
+    """
     from flashops.api.lineage.render import describe
 
     got = _run(target, lambda lin: lin.node(ref))
@@ -87,7 +93,14 @@ def graph(ref: str = typer.Argument(..., help="lineage:<id>, a URI, or a run/dep
           fmt: str = typer.Option("tree", "--format", "-o", help="tree, mermaid or dot"),
           limit: int = typer.Option(1000, "--limit", help="at most this many edges"),
           target: Optional[str] = TargetOpt) -> None:
-    """Ancestors (--up, the default) or descendants (--down) to a depth, as a tree, Mermaid or DOT."""
+    """Ancestors (--up, the default) or descendants (--down) to a depth, as a tree, Mermaid or DOT.
+
+    Examples:
+
+        flashops lineage graph quickstart-chat --up --depth 20
+
+        flashops lineage graph builtin:pretrain-text --down --format mermaid > lineage.mmd
+    """
     from flashops.api.lineage.render import FORMATS, render
 
     if fmt not in FORMATS:
@@ -103,13 +116,23 @@ def graph(ref: str = typer.Argument(..., help="lineage:<id>, a URI, or a run/dep
 @lineage_app.command("resolve")
 def resolve(ref: str = typer.Argument(..., help="lineage:<id>, a URI, a run/pipeline/deployment name"),
             target: Optional[str] = TargetOpt) -> None:
-    """Print the URI of the checkpoint or model a reference stands for (what a ModelDeployment serves)."""
+    """Print the URI of the checkpoint or model a reference stands for (what a ModelDeployment serves).
+
+    Example:
+
+        flashops lineage resolve quickstart
+    """
     typer.echo(_run(target, lambda lin: lin.resolve(ref))["uri"])
 
 
 @lineage_app.command("diff")
 def diff(a: str, b: str, target: Optional[str] = TargetOpt) -> None:
-    """The differences between two runs' specs."""
+    """The differences between two runs' specs.
+
+    Example:
+
+        flashops lineage diff quickstart-sft sft-debug
+    """
     got = _run(target, lambda lin: lin.diff_runs(a, b))
     if not got["changes"]:
         typer.echo("same spec")
@@ -125,7 +148,12 @@ def serve(db: Optional[str] = typer.Option(None, "--db", envvar="FLASHOPS_LINEAG
           workers: int = typer.Option(1, "--workers", help="uvicorn worker processes (PostgreSQL; SQLite: keep 1)")) -> None:
     """Start the lineage HTTP API (OpenAPI docs at /docs). Tokens come from FLASHOPS_LINEAGE_TOKENS
     ("tok:read,tok2:read+write"), FLASHOPS_LINEAGE_TOKENS_FILE or FLASHOPS_LINEAGE_TOKEN; with none, one
-    read+write token is generated and printed."""
+    read+write token is generated and printed.
+
+    Example:
+
+        flashops lineage serve --db postgresql+psycopg://postgres@127.0.0.1:5432/test --port 8081
+    """
     from flashops.api.lineage import LineageError
     from flashops.api.lineage.auth import TokenConfigError
     from flashops.api.lineage.serve import run

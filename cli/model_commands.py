@@ -12,7 +12,8 @@ from typing import List
 import typer
 
 EXIT_USAGE = 2
-model_app = typer.Typer(help="The JoyAI-Flash model family: presets and parameter counts.", no_args_is_help=True)
+model_app = typer.Typer(help="The JoyAI-Flash model family: presets and parameter counts.\n\n"
+                         "Example:\n\n    flashops model info joyai-flash-48b-a3b --json", no_args_is_help=True)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -35,7 +36,14 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="print JSON (total_params, active_params, ...)"),
     overrides: List[str] = typer.Option([], "--set", help="override a config field: FIELD=VALUE"),
 ) -> None:
-    """Total and active parameters per token (without and with embeddings) of a preset."""
+    """Total and active parameters per token (without and with embeddings) of a preset.
+
+    Examples:
+
+        flashops model info joyai-flash-48b-a3b --json
+
+        flashops model info joyai-flash-debug --set n_layers=8
+    """
     from flashops.model.config import ConfigError, get_config
 
     try:

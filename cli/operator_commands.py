@@ -22,7 +22,14 @@ def operator(
     liveness: Optional[str] = typer.Option(None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every API call"),
 ) -> None:
-    """Run the flashops operator (reconciles TrainingRun, TrainingPipeline, ModelDeployment)."""
+    """Run the flashops operator (reconciles TrainingRun, TrainingPipeline, ModelDeployment).
+
+    Examples:
+
+        flashops operator                                   # against ~/.kube/config or in-cluster
+
+        flashops operator -n team-a --runtime trainjob --s3-endpoint https://minio.minio:9000
+    """
     import kopf
 
     from flashops.operator.config import ConfigError, OperatorConfig

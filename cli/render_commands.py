@@ -23,7 +23,14 @@ def render(
     image: Optional[str] = typer.Option(None, help="trainer/predictor image (default: $FLASHOPS_IMAGE)"),
     model_uri: Optional[str] = typer.Option(None, help="model URI for ModelDeployments (default: their spec.source)"),
 ) -> None:
-    """Print the Kubernetes objects the operator creates for these specs (multi-document YAML)."""
+    """Print the Kubernetes objects the operator creates for these specs (multi-document YAML).
+
+    Examples:
+
+        flashops render -f examples/quickstart.yaml
+
+        flashops render -f examples/rl.yaml --runtime trainjob -n team-a
+    """
     import yaml
 
     from flashops.api.spec import SpecError, load_file

@@ -99,7 +99,14 @@ def run(
     log_dir: Path = typer.Option(None, "--log-dir", help="metrics.jsonl per run here (default $FLASHOPS_HOME/logs)"),
     export: bool = typer.Option(True, "--export/--no-export", help="export a pipeline's final model for serving"),
 ) -> None:
-    """Train locally: TrainingRuns and whole TrainingPipelines, with checkpoints and lineage."""
+    """Train locally: TrainingRuns and whole TrainingPipelines, with checkpoints and lineage.
+
+    Examples:
+
+        flashops run -f examples/quickstart.yaml
+
+        flashops run -f examples/sft.yaml --store s3://flashops/checkpoints --lineage sqlite:////data/lineage.db
+    """
     from rich.console import Console
 
     from flashops.api.spec import SpecError, TrainingPipeline, TrainingRun, load_file

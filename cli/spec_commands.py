@@ -83,7 +83,12 @@ def crds() -> None:
 
 
 def version() -> None:
-    """Print the flashops version and the API group/version it serves."""
+    """Print the flashops version and the API group/version it serves.
+
+    Example:
+
+        flashops version
+    """
     from importlib.metadata import version as v
 
     from flashops.api.spec import API_GROUP_VERSION

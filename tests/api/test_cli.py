@@ -69,3 +69,18 @@ def test_validate_checks_model_overrides_against_the_architecture(tmp_path):
     assert "runs.yaml: TrainingRun/a: spec.model.overrides.n_layer: 2: unknown field" in out.stderr
     assert "did you mean 'n_layers'?" in out.stderr
     assert "runs.yaml: TrainingRun/b: spec.model.overrides.top_k: 20: top_k cannot exceed num_experts (8)" in out.stderr
+
+
+def test_every_command_and_group_help_shows_an_example():
+    import typer
+
+    from flashops.cli.app import app
+
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            yield from walk(sub, [*path, name])
+
+    missing = [" ".join(p) or "flashops" for p, c in walk(typer.main.get_command(app), [])
+               if not ("xample" in (c.help or "") and "flashops " in (c.help or ""))]
+    assert not missing, f"--help without an example: {missing}"
