@@ -34,14 +34,19 @@ def predictor_env(deployment: S.ModelDeployment, model_uri: str, config: Operato
     s3 = resolve_s3(spec.storage, config, [model_uri])
     env = [
         {"name": "FLASHOPS_DEPLOYMENT", "value": deployment.name},
-        {"name": "FLASHOPS_QUANTIZATION", "value": spec.quantization},
-        {"name": "FLASHOPS_MTP_TOKENS", "value": str(spec.speculative.mtp_tokens)},
-        {"name": "FLASHOPS_THINKING", "value": "true" if spec.thinking else "false"},
-        {"name": "FLASHOPS_MAX_CONCURRENCY", "value": str(spec.max_concurrency)},
-        {"name": "PORT", "value": str(PREDICTOR_PORT)},
         *storage_env(s3),
     ]
     return env
+
+
+def predictor_args(deployment: S.ModelDeployment, model_uri: str) -> list[str]:
+    """The predictor's command line (`python -m flashops.serving --help`): the model is served under the
+    deployment's name, so clients call it by the name they applied."""
+    spec = deployment.spec
+    args = ["--model", model_uri, "--name", deployment.name, "--quantization", spec.quantization,
+            "--mtp-tokens", str(spec.speculative.mtp_tokens), "--max-concurrency", str(spec.max_concurrency),
+            "--port", str(PREDICTOR_PORT)]
+    return args + (["--thinking"] if spec.thinking else [])
 
 
 def build_inference_service(deployment: S.ModelDeployment, model_uri: str, config: OperatorConfig) -> dict[str, Any]:
@@ -57,7 +62,7 @@ def build_inference_service(deployment: S.ModelDeployment, model_uri: str, confi
         name="kserve-container",  # KServe's name for the model server container of a custom predictor
         image=spec.image or config.image,
         command=["python", "-m", "flashops.serving"],
-        args=["--model", model_uri],
+        args=predictor_args(deployment, model_uri),
         env=[_k8s("V1EnvVar", e) for e in predictor_env(deployment, model_uri, config)],
         ports=[k.V1ContainerPort(container_port=PREDICTOR_PORT, protocol="TCP")],
         resources=_k8s("V1ResourceRequirements", res) if res else None,
@@ -84,4 +89,4 @@ def build_inference_service(deployment: S.ModelDeployment, model_uri: str, confi
     return serialize(isvc)
 
 
-__all__ = ["INFERENCESERVICE", "LABEL_MANAGED_BY", "build_inference_service", "isvc_name", "predictor_env"]
+__all__ = ["INFERENCESERVICE", "LABEL_MANAGED_BY", "build_inference_service", "isvc_name", "predictor_args", "predictor_env"]

@@ -115,9 +115,11 @@ def test_inference_service_predictor():
     assert validate(isvc) == []
     pred = isvc["spec"]["predictor"]
     assert pred["containers"][0]["command"] == ["python", "-m", "flashops.serving"]
-    assert pred["containers"][0]["args"] == ["--model", "s3://models/joyai/3"]
+    args = pred["containers"][0]["args"]
+    assert args[:4] == ["--model", "s3://models/joyai/3", "--name", md.name]
+    assert args[args.index("--quantization") + 1] == "int4" and args[args.index("--mtp-tokens") + 1] == "3"
+    assert "--thinking" not in args
     env = {e["name"]: e.get("value") for e in pred["containers"][0]["env"]}
-    assert (env["FLASHOPS_QUANTIZATION"], env["FLASHOPS_MTP_TOKENS"], env["FLASHOPS_THINKING"]) == ("int4", "3", "false")
     assert env["FLASHOPS_S3_SECURE"] == "false"
     with pytest.raises(C.InvalidObject, match="no endpoint"):
         build_inference_service(md, "s3://models/joyai/3", OperatorConfig())
