@@ -13,11 +13,20 @@ for them; each says why and when it can go.
    torch's CPU SDPA drops to the unfused math kernel (bmm + softmax). Zero-padding V to the q/k width
    keeps the fused CPU flash kernel (about 2.5x faster fwd+bwd at 2 x 16 heads x 256); we slice the
    padding off the output. Remove when the CPU flash kernel accepts a different V head dim.
+4. `moe_forward_cpu`: torchtitan's token dispatch is built for GPUs and expert parallelism: it counts
+   tokens through a (B, L, E) one-hot map, gathers rows with advanced indexing (whose backward is an
+   accumulating index_put, serial on CPU) and combines through `deterministic_scatter_add` over an
+   expanded (N, D) int64 index. On CPU, without EP/TP, we sort the routed rows by expert once, gather
+   with index_select, run the same grouped expert matmuls on contiguous per-expert slices and combine
+   with index_add (deterministic on CPU). Same parameters, same routing, same result up to fp rounding
+   (tests/model compares it with torchtitan's path). GPU, EP and TP keep torchtitan's MoE.forward.
+   Remove when torchtitan's LocalTokenDispatcher is cheap on CPU (or CPU training stops mattering).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -55,3 +64,34 @@ def sdpa(q, k, v, *, mask, is_causal, scale):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal, scale=scale
     )
     return out[..., :v_dim].transpose(1, 2)
+
+
+def moe_cpu_fast_path_applies(moe, x) -> bool:
+    """CPU, plain tensors, no expert parallelism wired into the dispatcher (EP/TP keep torchtitan's path)."""
+    dispatcher = moe.routed_experts.token_dispatcher
+    return (x.device.type == "cpu" and not isinstance(x, DTensor)
+            and getattr(dispatcher, "ep_mesh", None) is None
+            and not isinstance(getattr(moe.routed_experts.inner_experts, "w1_EFD", None), DTensor))
+
+
+def moe_forward_cpu(moe, x_BLD: torch.Tensor) -> torch.Tensor:
+    """torchtitan's MoE.forward (router, load counts, routed experts, shared experts) with a CPU dispatch."""
+    experts = moe.routed_experts.inner_experts
+    scores_BLK, ids_BLK, _ = moe.router(x_BLD, moe.expert_bias_E)
+    bsz, seqlen, dim = x_BLD.shape
+    top_k = ids_BLK.shape[-1]
+    ids_N = ids_BLK.reshape(-1)
+    counts_E = torch.bincount(ids_N, minlength=experts.num_experts)
+    if moe.training:
+        with torch.no_grad():
+            moe.tokens_per_expert_E.add_(counts_E)
+    order_N = torch.argsort(ids_N, stable=True)  # routed rows grouped by expert
+    token_N = torch.div(order_N, top_k, rounding_mode="floor")
+    x_TD = x_BLD.reshape(bsz * seqlen, dim)
+    routed_ND = experts(x_TD.index_select(0, token_N), counts_E)
+    score_N1 = scores_BLK.reshape(-1).index_select(0, order_N).unsqueeze(1)
+    routed_ND = (routed_ND.float() * score_N1).to(routed_ND.dtype)  # scores applied in fp32, like torchtitan
+    out = torch.zeros_like(x_TD).index_add_(0, token_N, routed_ND).view(bsz, seqlen, dim)
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x_BLD)
+    return out

@@ -187,6 +187,19 @@ class JoyAIExperts(GroupedExperts):
         return compat.grouped_mm(h, w2.transpose(-2, -1), offs).type_as(x_RD)
 
 
+class JoyAIMoE(MoE):
+    """torchtitan's MoE; on CPU without EP/TP the dispatch runs through compat.moe_forward_cpu."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(MoE.Config):
+        pass
+
+    def forward(self, x_BLD):
+        if compat.moe_cpu_fast_path_applies(self, x_BLD):
+            return compat.moe_forward_cpu(self, x_BLD)
+        return super().forward(x_BLD)
+
+
 # ---- blocks --------------------------------------------------------------------------------------
 
 
@@ -275,6 +288,7 @@ def torchtitan_config(cfg: JoyAIConfig, attention_backend: str = "sdpa") -> Deep
             moe.routed_experts.inner_experts = _retype(moe.routed_experts.inner_experts, JoyAIExperts.Config)
             if cfg.num_shared_experts == 0:
                 moe.shared_experts = None
+            layer.moe = _retype(moe, JoyAIMoE.Config)
         layers[i] = _retype(layer, JoyAIBlock.Config)
 
     mtp_layers = []
