@@ -37,6 +37,27 @@ def state(mesh, fill: bool):
     }
 
 
+def _hold_back_commits_after_the_first() -> None:
+    """Make "mid-save" certain on a fast disk: the first shard of step 2 commits at once, every later
+    one waits 5 s, so the parent's SIGKILL (sent when it sees the first) always lands in the middle."""
+    import threading
+    import time
+
+    from flashops.storage import backends
+
+    original, lock, first = backends.HashingWriter.commit, threading.Lock(), []
+
+    def commit(self):
+        with lock:
+            later = bool(first)
+            first.append(True)
+        if later:
+            time.sleep(5)
+        return original(self)
+
+    backends.HashingWriter.commit = commit
+
+
 def main() -> None:
     mode, uri = sys.argv[1], sys.argv[2]
     from flashops.storage import open_store
@@ -44,6 +65,7 @@ def main() -> None:
     store = open_store(uri)
     if mode == "slow-save":
         store.save_checkpoint("crash", 1, {"w": torch.ones(1024)})
+        _hold_back_commits_after_the_first()
         big = {f"layer{i}": torch.randn(2 * 1024 * 1024) for i in range(24)}  # 24 x 8 MB
         print("saving step 2", flush=True)
         store.save_checkpoint("crash", 2, big, thread_count=8)
