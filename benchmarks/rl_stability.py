@@ -1,7 +1,7 @@
 """RL stability at toy scale: FiberPO vs GRPO vs GSPO with several policy updates per rollout batch.
 
     .venv/bin/python benchmarks/rl_stability.py                      # prints figures, writes rl_stability.png
-    .venv/bin/python benchmarks/rl_stability.py --iters 200 --updates 16 --lr 3e-3 --out /tmp/rl.png
+    .venv/bin/python benchmarks/rl_stability.py --iters 200 --updates 8 --lr 3e-3 --out /tmp/rl.png
 
 The policy is a small autoregressive GRU over digit tokens (so hundreds of iterations take seconds on a
 CPU); the task has a verifiable reward: answer a 4-digit prompt with its reversal, reward = share of
@@ -145,12 +145,12 @@ def plot(results: dict, path: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iters", type=int, default=150)
-    p.add_argument("--updates", type=int, default=8, help="policy updates per rollout batch")
+    p.add_argument("--iters", type=int, default=80)
+    p.add_argument("--updates", type=int, default=16, help="policy updates per rollout batch")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)
     p.add_argument("--pool", type=int, default=512)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--eps", type=float, default=0.2)
     p.add_argument("--gspo-eps", type=float, default=0.2, help="GSPO's sequence-ratio clip (its paper: 3e-4..4e-4)")
     p.add_argument("--delta", type=float, default=0.4)
