@@ -21,6 +21,14 @@ for them; each says why and when it can go.
    with index_add (deterministic on CPU). Same parameters, same routing, same result up to fp rounding
    (tests/model compares it with torchtitan's path). GPU, EP and TP keep torchtitan's MoE.forward.
    Remove when torchtitan's LocalTokenDispatcher is cheap on CPU (or CPU training stops mattering).
+5. `build_device_mesh`: torchtitan's ParallelDims.build_mesh creates the mesh on
+   `torchtitan.tools.utils.device_type`, which falls back to "cuda" when no accelerator is visible, so on a
+   CPU-only machine (gloo) distributing a tensor fails with "Torch not compiled with CUDA enabled". We build
+   the mesh on "cpu" there. Remove when torchtitan derives the mesh device from the process group backend.
+6. `sum_reductions_for_gloo`: FSDP2 folds gradient scaling into the reduce-scatter as
+   ReduceOp.PREMUL_SUM when a divide factor is set (torchtitan sets one for the routed experts under EP),
+   and gloo does not implement PREMUL_SUM. We ask every FSDP unit for plain sums with separate scaling.
+   Remove when gloo supports PREMUL_SUM (or FSDP falls back by itself).
 """
 from __future__ import annotations
 
@@ -95,3 +103,25 @@ def moe_forward_cpu(moe, x_BLD: torch.Tensor) -> torch.Tensor:
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(x_BLD)
     return out
+
+
+def build_device_mesh(parallel_dims):
+    """`parallel_dims.build_mesh()`, on the CPU when no accelerator is available (torchtitan assumes CUDA)."""
+    import torchtitan.distributed.parallel_dims as tt_parallel_dims
+
+    if torch.accelerator.is_available():
+        return parallel_dims.build_mesh()
+    saved, tt_parallel_dims.device_type = tt_parallel_dims.device_type, "cpu"
+    try:
+        return parallel_dims.build_mesh()
+    finally:
+        tt_parallel_dims.device_type = saved
+
+
+def sum_reductions_for_gloo(model) -> None:
+    """Call after fully_shard on a gloo (CPU) process group: plain-sum gradient reductions, scaled separately."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_force_sum_reduction_for_comms(True)

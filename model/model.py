@@ -216,7 +216,8 @@ class JoyAIBlock(DeepSeekV3TransformerBlock):
 
 class DenseMTPBlock(MTPTransformerBlock):
     """h' = eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)]), then one MLA block with a dense MLP.
-    Returns the pre-norm hidden (fed back when drafting recursively); the head is norm + shared lm_head."""
+    Returns (pre-norm hidden, fed back when drafting recursively; mtp_norm of it, for the shared lm_head).
+    The norm runs inside this forward so FSDP2, which wraps the block as one unit, has its weight gathered."""
 
     @dataclass(kw_only=True, slots=True)
     class Config(MTPTransformerBlock.Config):
@@ -225,7 +226,8 @@ class DenseMTPBlock(MTPTransformerBlock):
     def forward(self, next_embed, prev_hidden, attention_masks=None, positions=None, cache=None, start_pos=0):
         h = self.eh_proj(torch.cat([self.enorm(next_embed), self.hnorm(prev_hidden)], dim=-1))
         h = h + self.attention(self.attention_norm(h), attention_masks, positions, cache, start_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = h + self.feed_forward(self.ffn_norm(h))
+        return h, self.mtp_norm(h)
 
 
 # ---- config translation --------------------------------------------------------------------------
@@ -356,6 +358,8 @@ class JoyAIFlash(DeepSeekV3Model):
         return self.lm_head(self.norm(h))
 
     def _mtp_head(self, h):
+        """Logits from a pre-norm MTP hidden state (single process; the forward/draft paths use the block's
+        own normed output)."""
         return self.lm_head(self.mtp.mtp_norm(h))
 
     def _masks(self, positions, batch, seqlen, device):
@@ -398,8 +402,8 @@ class JoyAIFlash(DeepSeekV3Model):
             same_doc = (positions[:, 1:] == positions[:, :-1] + 1).unsqueeze(-1)
             prev_h = prev_h * same_doc.to(prev_h.dtype)  # no hidden state across a document boundary
         masks = self._masks(mtp_pos, bsz, seqlen - 1, tokens.device)
-        m = self.mtp(self.tok_embeddings(next_tok), prev_h, masks, mtp_pos)
-        return torch.cat([out[:, :1], self._mtp_head(m)], dim=1)
+        _, m_normed = self.mtp(self.tok_embeddings(next_tok), prev_h, masks, mtp_pos)
+        return torch.cat([out[:, :1], self.lm_head(m_normed)], dim=1)
 
     # -- inference
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
@@ -435,11 +439,12 @@ class JoyAIFlash(DeepSeekV3Model):
                 raise ValueError("without a cache, pass the whole prefix with start_pos=0")
             cache = self.new_cache(bsz, length + k, dtype=hidden.dtype, device=hidden.device)
         cache.check(start_pos, length + k - 1, bsz)
-        h = self.mtp(self.tok_embeddings(tokens), hidden, None, None, cache.mtp, start_pos)[:, -1:]
+        h, h_normed = self.mtp(self.tok_embeddings(tokens), hidden, None, None, cache.mtp, start_pos)
+        h, h_normed = h[:, -1:], h_normed[:, -1:]
         drafts, all_logits = [], []
         pos = start_pos + length
         for step in range(k):
-            logits = self._mtp_head(h)[:, -1].float()
+            logits = self.lm_head(h_normed)[:, -1].float()
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
@@ -448,7 +453,7 @@ class JoyAIFlash(DeepSeekV3Model):
             drafts.append(nxt)
             all_logits.append(logits)
             if step + 1 < k:
-                h = self.mtp(self.tok_embeddings(nxt), h, None, None, cache.mtp, pos)
+                h, h_normed = self.mtp(self.tok_embeddings(nxt), h, None, None, cache.mtp, pos)
                 pos += 1
         return DraftOutput(torch.cat(drafts, 1), torch.stack(all_logits, 1), h)
 
