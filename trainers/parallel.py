@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flashops.model import _torchtitan_compat as compat
+
 
 @dataclass
 class Dist:
@@ -34,13 +36,13 @@ def init_distributed(pspec) -> Dist:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     from torchtitan.distributed import ParallelDims
 
-    _torchtitan_cpu_mesh(device)
     from torchtitan.distributed.utils import set_spmd_backend
 
     set_spmd_backend("partial_dtensor")  # DTensor-based FSDP2/EP (what fully_shard + the MoE dispatcher use)
     dims = ParallelDims(dp_replicate=1, dp_shard=pspec.dp_shard if pspec.dp_shard > 0 else -1, cp=1, tp=1, pp=1,
                         ep=pspec.ep, world_size=world, spmd_backend="partial_dtensor")
-    dims.build_mesh() if hasattr(dims, "build_mesh") else None
+    _register_fake_backend()
+    compat.build_device_mesh(dims)  # torchtitan assumes CUDA when no accelerator is visible
     return Dist(dist.get_rank(), world, device, dims)
 
 
@@ -79,30 +81,13 @@ def parallelize(model, d: Dist, pspec):
     apply_fsdp_to_mtp_decoder(model, dp_mesh, param_dtype=torch.float32, reduce_dtype=torch.float32,
                               pp_enabled=False, ep_degree=dims.ep, edp_mesh=edp_mesh)
     if d.device == "cpu":
-        _gloo_sum_reductions(model)
+        compat.sum_reductions_for_gloo(model)  # gloo has no PREMUL_SUM
     return model
 
 
-def _torchtitan_cpu_mesh(device: str) -> None:
-    """Workaround: torchtitan 0.3.0 picks its mesh device type once at import, defaulting to "cuda" when no
-    accelerator exists, so building a mesh on a CPU-only torch calls torch.cuda.set_device and fails.
-    Point it at "cpu" (gloo). Remove when torchtitan falls back to "cpu" in tools.utils.device_type."""
-    if device != "cpu":
-        return
-    import torchtitan.distributed.parallel_dims as pd
 
-    pd.device_type = "cpu"
-    # torchtitan gives size-1 mesh axes (e.g. efsdp when ep == world size) the "fake" c10d backend, whose
-    # process-group factory torch registers only in its testing package.
+def _register_fake_backend() -> None:
+    """Workaround: torchtitan gives size-1 mesh axes (e.g. efsdp when ep == world size) the "fake" c10d
+    backend, whose process-group factory torch registers only in its testing package. Remove when torch
+    registers it by default (or torchtitan stops creating groups for size-1 axes)."""
     import torch.testing._internal.distributed.fake_pg  # noqa: F401
-
-
-def _gloo_sum_reductions(model) -> None:
-    """Workaround: FSDP2 scales gradients inside the reduce-scatter with ReduceOp.PREMUL_SUM when a divide
-    factor is set (torchtitan sets one for the experts), which gloo does not implement. Ask for plain sums
-    with separate scaling instead. Remove when gloo supports PREMUL_SUM or FSDP falls back by itself."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.set_force_sum_reduction_for_comms(True)

@@ -175,7 +175,7 @@ class RLStage(Stage):
                     kl = kl_penalty(lp, ref[sl], mask[sl])
                     loss = loss + p.kl_coef * kl
                     kl_sum += float(kl.detach()) * lp.shape[0] / n_global
-                frac = lp.shape[0] * world / n_global  # x world: FSDP averages gradients over ranks
+                frac = lp.shape[0] / n_global  # a share of the global batch; FSDP sums over ranks
                 tr.backward(loss * frac)
                 total += float(loss.detach()) * frac
                 with torch.no_grad():
@@ -188,7 +188,7 @@ class RLStage(Stage):
                     ent_sum += float((ent * m).sum())
             stats = tr.optimizer_step()
             n_resp = max(tr.all_sum(float(mask.sum())), 1.0)
-            losses.append(tr.all_sum(total) / world)
+            losses.append(tr.all_sum(total))
             ratio_mean, entropy, kls = tr.all_sum(r_sum) / n_resp, tr.all_sum(ent_sum) / n_resp, tr.all_sum(kl_sum)
             ratio_max = -tr.all_min(-r_max) if world > 1 else r_max
         stats.update(loss=sum(losses) / len(losses), reward=float(rewards.mean()), ratio_mean=ratio_mean,

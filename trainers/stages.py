@@ -139,10 +139,9 @@ def supervised_step(tr, batch: Packed, mtp_weight: float) -> dict:
     n_mtp = mtp_mask.sum().clamp(min=1)
     total_ce, total_mtp = 0.0, 0.0
     # data parallel: every rank packs the same global batch (cheap) and trains on its share of the rows;
-    # losses stay normalised by the GLOBAL count, times world size because FSDP averages the gradients
+    # losses stay normalised by the GLOBAL count, since torchtitan's FSDP sums the gradients over ranks
     rank, world = tr.dist.rank, tr.dist.world_size
     inp, tgt, pos, mask, mtp_mask = (t[rank::world] for t in (inp, tgt, pos, mask, mtp_mask))
-    n_tok, n_mtp = n_tok / world, n_mtp / world
     for sl in split_micro(inp.shape[0], tr.plan.micro_batch_size):
         out = model(inp[sl], positions=pos[sl], mtp=mtp_weight > 0)
         ce_sum, _ = masked_ce(out.logits, tgt[sl], mask[sl])
@@ -154,9 +153,9 @@ def supervised_step(tr, batch: Packed, mtp_weight: float) -> dict:
         tr.backward(loss)
         total_ce += float(ce_sum.detach()) / float(n_tok)
     stats = tr.optimizer_step()
-    stats.update(loss=tr.all_sum(total_ce) / world, tokens=int(inp.numel()) * world)
+    stats.update(loss=tr.all_sum(total_ce), tokens=int(inp.numel()) * world)
     if mtp_weight > 0:
-        stats["mtp_loss"] = tr.all_sum(total_mtp) / world
+        stats["mtp_loss"] = tr.all_sum(total_mtp)
     return stats
 
 
@@ -274,7 +273,7 @@ class DPOStage(Stage):
         n = ct.shape[0]
         rank, world = self.tr.dist.rank, self.tr.dist.world_size
         ct, cm, rt, rm, ref_c, ref_r = (t[rank::world] for t in (ct, cm, rt, rm, ref_c, ref_r))
-        n = n / world  # per-pair fractions of the global batch, x world (FSDP averages over ranks)
+        # each pair weighs 1/global pairs; FSDP sums the ranks' gradients
         for sl in split_micro(ct.shape[0], self.micro):
             pc = sequence_logprob(self.tr.model, ct[sl], cm[sl])
             pr = sequence_logprob(self.tr.model, rt[sl], rm[sl])
@@ -285,7 +284,7 @@ class DPOStage(Stage):
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * frac
         out = self.tr.optimizer_step()
-        out.update({k: self.tr.all_sum(v) / world for k, v in totals.items()},
+        out.update({k: self.tr.all_sum(v) for k, v in totals.items()},
                    tokens=int(ct.numel() + rt.numel()) * world)
         return out
 
