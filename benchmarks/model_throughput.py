@@ -139,26 +139,28 @@ def main():
                 if out.returncode:
                     print(f"{impl} {cfg_name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                     continue
-                res = json.loads(out.stdout.strip().splitlines()[-1])
+                res = {**json.loads(out.stdout.strip().splitlines()[-1]), "round": r}
                 results.setdefault((cfg_name, impl), []).append(res)
                 print(f"  round {r + 1} {cfg_name:18s} {impl:13s} {res['tok_s']:8.0f} tok/s  {res['peak_mib']:7.0f} MiB",
                       file=sys.stderr)
     print(f"\nfwd+bwd+AdamW on CPU, fp32, batch {args.batch} x {args.seq}, {args.threads} threads, "
           f"{args.rounds} alternating rounds (median of {args.steps} steps each)\n")
+    print("vs transformers: 'paired' = median over rounds of (this / transformers in the same round, run back to")
+    print("back), the least drift-sensitive figure on a shared machine; 'best' = best round / best round.\n")
     print(f"{'config':18s} {'implementation':14s} {'params':>8s} {'tok/s median':>13s} {'min..max':>15s} "
-          f"{'peak MiB':>9s} {'vs transformers':>16s}")
+          f"{'peak MiB':>9s} {'paired (range)':>20s} {'best':>7s}")
     for cfg_name in args.configs.split(","):
         hf = results.get((cfg_name, "transformers"))
-        hf_med = statistics.median(r["tok_s"] for r in hf) if hf else None
         for (c, impl), rs in results.items():
             if c != cfg_name:
                 continue
             toks = [r["tok_s"] for r in rs]
-            med = statistics.median(toks)
-            ratio = f"{med / hf_med:.2f}x" if hf_med else "-"
-            print(f"{c:18s} {impl:14s} {rs[0]['params_m']:7.1f}M {med:13.0f} {min(toks):7.0f}..{max(toks):<7.0f} "
-                  f"{max(r['peak_mib'] for r in rs):9.0f} {ratio:>16s}")
-
+            hf_round = {h["round"]: h["tok_s"] for h in hf or []}
+            paired = [r["tok_s"] / hf_round[r["round"]] for r in rs if r["round"] in hf_round]
+            paired_s = (f"{statistics.median(paired):.2f}x ({min(paired):.2f}..{max(paired):.2f})" if paired else "-")
+            best = f"{max(toks) / max(h['tok_s'] for h in hf):.2f}x" if hf else "-"
+            print(f"{c:18s} {impl:14s} {rs[0]['params_m']:7.1f}M {statistics.median(toks):13.0f} "
+                  f"{min(toks):7.0f}..{max(toks):<7.0f} {max(r['peak_mib'] for r in rs):9.0f} {paired_s:>20s} {best:>7s}")
 
 if __name__ == "__main__":
     main()
