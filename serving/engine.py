@@ -14,7 +14,14 @@ EOS, a stop string, max_tokens, the context length, or when their client goes aw
 
 Cache bookkeeping per sequence: positions [0, pos) of the main cache hold the context; `pending`
 (the newest token) sits at position pos and is not cached yet. `mtp_hidden`/`mtp_tokens` are the
-(h_i, t_{i+1}) pairs the MTP layer has not seen yet; drafting feeds them first, then recurses.
+(h_i, t_{i+1}) pairs the MTP layer has not seen yet (hidden kept as [n, D] chunks, straight from the
+forward pass that made them); drafting feeds them first, then recurses.
+
+Per speculative step the model runs k MTP calls and one main call: the first MTP call both catches up
+on the pairs the last verification produced and drafts d_1 (the verify pass's hidden states are what it
+needs, so nothing is recomputed), then d_2..d_k recurse on the MTP layer's own hidden state. Greedy
+drafts stay on the tensor side between calls; each step reads tokens back to Python once per phase
+(drafts, verdicts), not once per token.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 
 from flashops.serving.metrics import ModelMetrics
 from flashops.serving.sampling import SamplingParams, sample, token_probs
-from flashops.serving.speculative import accept_greedy, accept_sampling
+from flashops.serving.speculative import accept_greedy_targets, accept_sampling
 
 
 class Backend(Protocol):
@@ -74,7 +81,7 @@ class _Sequence:
     pos: int = 0
     pending: int = -1
     generated: list[int] = field(default_factory=list)
-    mtp_hidden: list[torch.Tensor] = field(default_factory=list)
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # [n_i, D] chunks
     mtp_tokens: list[int] = field(default_factory=list)
     text_sent: int = 0
     finished: str | None = None
@@ -204,7 +211,7 @@ class Engine:
         token = self._choose(seq, logits[0, -1])
         seq.pos, seq.pending = len(seq.prompt), token
         if self.mtp_tokens:
-            seq.mtp_hidden = list(hidden[0])
+            seq.mtp_hidden = [hidden[0]]
             seq.mtp_tokens = seq.prompt[1:] + [token]
         return [token]
 
@@ -216,7 +223,7 @@ class Engine:
             token = self._choose(seq, logits[b, 0])
             seq.pos, seq.pending = seq.pos + 1, token
             if self.mtp_tokens:
-                seq.mtp_hidden.append(hidden[b, 0])
+                seq.mtp_hidden.append(hidden[b, :1])
                 seq.mtp_tokens.append(token)
             out[seq] = [token]
         return out
@@ -226,16 +233,18 @@ class Engine:
         drafts, draft_probs = self._draft(batch, slots, k)
         verify = torch.tensor([[s.pending, *d] for s, d in zip(batch, drafts)])
         logits, hidden = self.backend.forward(slots, verify, [s.pos for s in batch])
+        # one argmax and one read-back for every greedy row (instead of one per row)
+        targets = logits.argmax(-1).tolist() if any(s.params.greedy for s in batch) else None
         out = {}
         for b, seq in enumerate(batch):
             if seq.params.greedy:
-                verdict = accept_greedy(drafts[b], logits[b])
+                verdict = accept_greedy_targets(drafts[b], targets[b])
             else:
                 p = token_probs(logits[b], seq.params.temperature, seq.params.top_p)
                 verdict = accept_sampling(drafts[b], draft_probs[b], p, seq.generator)
             n = verdict.accepted
             self.metrics.verification(k, n)
-            seq.mtp_hidden = list(hidden[b, : n + 1])
+            seq.mtp_hidden = [hidden[b, : n + 1]]
             seq.mtp_tokens = list(verdict.tokens)
             seq.pos, seq.pending = seq.pos + n + 1, verdict.tokens[-1]
             out[seq] = verdict.tokens
@@ -247,33 +256,41 @@ class Engine:
         (right-padded to a common length; causal attention keeps padding out of real positions),
         then recursively on its own output."""
         lengths = [len(s.mtp_tokens) for s in batch]
-        width = max(lengths)
-        dim = batch[0].mtp_hidden[0].shape[-1]
-        hidden = torch.zeros(len(batch), width, dim, dtype=batch[0].mtp_hidden[0].dtype)
-        tokens = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, s in enumerate(batch):
-            hidden[b, : lengths[b]] = torch.stack(s.mtp_hidden)
-            tokens[b, : lengths[b]] = torch.tensor(s.mtp_tokens)
+        if len(batch) == 1:  # the common batch-1 case: no padding, no copies
+            chunks = batch[0].mtp_hidden
+            hidden = (chunks[0] if len(chunks) == 1 else torch.cat(chunks))[None]
+            tokens = torch.tensor([batch[0].mtp_tokens])
+        else:
+            width = max(lengths)
+            first = batch[0].mtp_hidden[0]
+            hidden = first.new_zeros(len(batch), width, first.shape[-1])
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)
+            for b, s in enumerate(batch):
+                hidden[b, : lengths[b]] = torch.cat(s.mtp_hidden)
+                tokens[b, : lengths[b]] = torch.tensor(s.mtp_tokens)
         starts = [s.pos - n for s, n in zip(batch, lengths)]
         logits, h = self.backend.mtp(slots, hidden, tokens, starts)
+        rows = torch.arange(len(batch))
         last = torch.tensor(lengths) - 1
-        logits, h = logits[torch.arange(len(batch)), last], h[torch.arange(len(batch)), last]
-        drafts: list[list[int]] = [[] for _ in batch]
+        logits, h = logits[rows, last], h[rows, last]
+        greedy = [s.params.greedy for s in batch]
+        columns: list[torch.Tensor] = []  # draft j of every row, [B]
         probs: list[list[torch.Tensor]] = [[] for _ in batch]
         for j in range(k):
             if j:
-                logits, h = self.backend.mtp(slots, h[:, None], torch.tensor([[d[-1]] for d in drafts]),
+                logits, h = self.backend.mtp(slots, h[:, None], columns[-1][:, None],
                                              [s.pos + j - 1 for s in batch])
                 logits, h = logits[:, 0], h[:, 0]
+            column = logits.argmax(-1)  # greedy rows' drafts; sampled rows are overwritten below
             for b, seq in enumerate(batch):
-                if seq.params.greedy:
-                    drafts[b].append(int(logits[b].argmax()))
-                else:
+                if not greedy[b]:
                     q = token_probs(logits[b], seq.params.temperature, seq.params.top_p)
-                    drafts[b].append(sample(q, seq.generator))
+                    column[b] = sample(q, seq.generator)
                     probs[b].append(q)
+            columns.append(column)
         for s in batch:
             s.mtp_hidden, s.mtp_tokens = [], []
+        drafts = torch.stack(columns, 1).tolist()
         return drafts, [torch.stack(p) if p else None for p in probs]
 
     @staticmethod

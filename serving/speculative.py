@@ -28,7 +28,11 @@ class Verdict:
 
 def accept_greedy(draft: list[int], target_logits: torch.Tensor) -> Verdict:
     """target_logits: [k+1, V] main-model logits at the positions of [last, d_1..d_k]."""
-    target = target_logits.argmax(-1).tolist()
+    return accept_greedy_targets(draft, target_logits.argmax(-1).tolist())
+
+
+def accept_greedy_targets(draft: list[int], target: list[int]) -> Verdict:
+    """The greedy rule on the main model's argmax tokens [k+1] (already read back, for a whole batch)."""
     n = 0
     while n < len(draft) and draft[n] == target[n]:
         n += 1
