@@ -29,24 +29,24 @@ class JoyAIBackend:
             self.cache = model.new_cache(slots, max_len)
 
     @torch.inference_mode()
-    def forward(self, slots: list[int], tokens: torch.Tensor, starts: list[int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, slots: list[int], tokens: torch.Tensor, starts: list[int],
+                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rows, positions = self._rows_positions(slots, tokens, starts)
         h = self.model.tok_embeddings(tokens)
         for layer, cache in zip(self.model.layers.values(), self.cache.layers):
             h = h + _attention(layer.attention, layer.attention_norm(h), cache, rows, positions)
             h = h + (layer.moe if layer.moe_enabled else layer.feed_forward)(layer.ffn_norm(h))
-        return self.model._head(h).float(), h
+        return self.model._head(_pick(h, logits_at)).float(), h
 
     @torch.inference_mode()
-    def mtp(self, slots: list[int], hidden: torch.Tensor, tokens: torch.Tensor, starts: list[int]
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp(self, slots: list[int], hidden: torch.Tensor, tokens: torch.Tensor, starts: list[int],
+            logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         rows, positions = self._rows_positions(slots, tokens, starts)
         mtp = self.model.mtp
         h = mtp.eh_proj(torch.cat([mtp.enorm(self.model.tok_embeddings(tokens)), mtp.hnorm(hidden)], dim=-1))
         h = h + _attention(mtp.attention, mtp.attention_norm(h), self.cache.mtp, rows, positions)
         h = h + mtp.feed_forward(mtp.ffn_norm(h))
-        return self.model._mtp_head(h).float(), h
+        return self.model._mtp_head(_pick(h, logits_at)).float(), h
 
     def _rows_positions(self, slots, tokens, starts):
         length = tokens.shape[1]
@@ -54,6 +54,12 @@ class JoyAIBackend:
             raise ValueError(f"positions up to {max(starts) + length - 1} exceed the cache (max_len={self.max_len})")
         rows = torch.tensor(slots)
         return rows, torch.tensor(starts).unsqueeze(1) + torch.arange(length).unsqueeze(0)
+
+
+def _pick(h: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+    """Only the positions whose logits are used (prefill: the last prompt token; MTP catch-up: the last
+    new pair): the vocabulary projection is the biggest matmul per position at a real vocabulary."""
+    return h if at is None else h[torch.arange(h.shape[0]), at].unsqueeze(1)
 
 
 def _attention(attn: MLAttention, x: torch.Tensor, cache: LayerCache, rows: torch.Tensor,

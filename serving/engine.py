@@ -46,16 +46,18 @@ class Backend(Protocol):
     slots: int  # sequences decoded at once
     has_mtp: bool
 
-    def forward(self, slots: list[int], tokens: torch.Tensor, starts: list[int]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, slots: list[int], tokens: torch.Tensor, starts: list[int],
+                logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Main model on tokens [B, T] placed at positions starts[b].. of each slot's cache (written).
-        Returns logits [B, T, V] and final hidden states [B, T, D] (the MTP layer's input)."""
+        Returns logits [B, T, V] and final hidden states [B, T, D] (the MTP layer's input).
+        With logits_at [B] (a position per row) the logits are [B, 1, V] at those positions only."""
         ...
 
-    def mtp(self, slots: list[int], hidden: torch.Tensor, tokens: torch.Tensor, starts: list[int]
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp(self, slots: list[int], hidden: torch.Tensor, tokens: torch.Tensor, starts: list[int],
+            logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP layer on pairs (hidden[b, t], tokens[b, t]) at positions starts[b]+t (its own cache).
-        Returns logits [B, T, V] for the token after next and its hidden [B, T, D] for recursion."""
+        Returns logits [B, T, V] for the token after next and its hidden [B, T, D] for recursion;
+        logits_at as in forward."""
         ...
 
 
@@ -207,8 +209,9 @@ class Engine:
         return emitted
 
     def _prefill(self, seq: _Sequence) -> list[int]:
-        logits, hidden = self.backend.forward([seq.slot], torch.tensor([seq.prompt]), [0])
-        token = self._choose(seq, logits[0, -1])
+        last = torch.tensor([len(seq.prompt) - 1])
+        logits, hidden = self.backend.forward([seq.slot], torch.tensor([seq.prompt]), [0], logits_at=last)
+        token = self._choose(seq, logits[0, 0])
         seq.pos, seq.pending = len(seq.prompt), token
         if self.mtp_tokens:
             seq.mtp_hidden = [hidden[0]]
@@ -269,10 +272,9 @@ class Engine:
                 hidden[b, : lengths[b]] = torch.cat(s.mtp_hidden)
                 tokens[b, : lengths[b]] = torch.tensor(s.mtp_tokens)
         starts = [s.pos - n for s, n in zip(batch, lengths)]
-        logits, h = self.backend.mtp(slots, hidden, tokens, starts)
-        rows = torch.arange(len(batch))
         last = torch.tensor(lengths) - 1
-        logits, h = logits[rows, last], h[rows, last]
+        logits, h = self.backend.mtp(slots, hidden, tokens, starts, logits_at=last)
+        logits, h = logits[:, 0], h[torch.arange(len(batch)), last]
         greedy = [s.params.greedy for s in batch]
         columns: list[torch.Tensor] = []  # draft j of every row, [B]
         probs: list[list[torch.Tensor]] = [[] for _ in batch]

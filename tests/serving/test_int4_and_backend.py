@@ -44,3 +44,18 @@ def test_backend_batches_rows_at_different_positions_like_the_model(trained):
     assert torch.allclose(logits[1], ref_b.logits[0, 5:7], atol=1e-4)
     mtp_logits, _ = backend.mtp([1], ref_a.hidden[:, :-1], a[:, 1:], [0])
     assert torch.allclose(mtp_logits[0], full_mtp[0, 1:], atol=1e-4)
+
+
+def test_backend_logits_at_projects_only_the_chosen_position_of_each_row(trained):
+    """What prefill and the MTP catch-up use: one position per row, same logits as the full projection."""
+    model = trained[0]
+    backend = JoyAIBackend(model, slots=2, max_len=32)
+    tokens = torch.randint(3, 259, (2, 6), generator=torch.Generator().manual_seed(2))
+    at = torch.tensor([5, 2])
+    full, hidden = backend.forward([0, 1], tokens, [0, 0])
+    picked, _ = backend.forward([0, 1], tokens, [0, 0], logits_at=at)
+    assert picked.shape == (2, 1, full.shape[-1])
+    assert torch.allclose(picked[:, 0], full[torch.arange(2), at], atol=1e-5)
+    full_mtp, _ = backend.mtp([0, 1], hidden[:, :-1], tokens[:, 1:], [0, 0])
+    picked_mtp, _ = backend.mtp([0, 1], hidden[:, :-1], tokens[:, 1:], [0, 0], logits_at=at - 1)
+    assert torch.allclose(picked_mtp[:, 0], full_mtp[torch.arange(2), at - 1], atol=1e-5)
