@@ -405,7 +405,7 @@ def resolve_model_source(kube: Kube, ext: Integrations, md: S.ModelDeployment) -
             st = obj.get("status") or {}
             state = st.get("state") or "Pending"
             if state == "Succeeded" and st.get("latestCheckpoint"):
-                return st["latestCheckpoint"], None
+                return served_uri(st["latestCheckpoint"]), None
             if state == "Failed":
                 return None, Phase("Failed", "SourceFailed", f"source {kind} {src} failed: {_active_message(st)}")
             if state != "Succeeded":
@@ -423,7 +423,18 @@ def resolve_model_source(kube: Kube, ext: Integrations, md: S.ModelDeployment) -
     uri = info.get("uri") or info.get("checkpoint_uri") or info.get("model_uri")
     if not uri:
         return None, Phase("Pending", "SourceNotFound", f"lineage has no checkpoint or model for spec.source {src!r} yet")
-    return uri, None
+    return served_uri(uri), None
+
+
+def served_uri(uri: str) -> str:
+    """The predictor loads model exports; a finished run's checkpoint is served through the export the
+    trainer wrote next to it (<store>/models/<run>/step-<n>)."""
+    from flashops.storage import StoreConfigError, exported_model_uri
+
+    try:
+        return exported_model_uri(uri)
+    except StoreConfigError:
+        return uri  # neither a checkpoint nor a model URI of ours: serve it as given
 
 
 def reconcile_model_deployment(kube: Kube, ext: Integrations, config: OperatorConfig, namespace: str, name: str) -> Outcome:

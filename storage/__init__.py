@@ -30,6 +30,7 @@ from flashops.storage.store import (
     fetch_model,
     load_checkpoint,
     open_store,
+    exported_model_uri,
     split_checkpoint_uri,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "CheckpointRef", "CheckpointStore", "CorruptObjectError", "CredentialsError", "EndpointUnreachableError",
     "GcReport", "ModelRef", "ObjectNotFoundError", "StoreConfigError", "StoreError", "TLSError",
     "TransientStoreError", "VerifyReport", "default_store_uri", "fetch_model", "load_checkpoint", "open_store",
+    "exported_model_uri",
     "split_checkpoint_uri",
 ]

@@ -635,6 +635,17 @@ def split_checkpoint_uri(uri: str) -> tuple[str, str, int]:
     return m["root"], m["run"], int(m["step"])
 
 
+def exported_model_uri(checkpoint_uri: str) -> str:
+    """Where the serving export of a checkpoint lives: <store>/runs/<run>/step-<n> -> <store>/models/<run>/step-<n>.
+
+    The trainer writes it when a run finishes (`python -m flashops.trainers`, `flashops run`); the operator
+    points a ModelDeployment's predictor at it. A model URI is returned unchanged."""
+    if _MODEL_URI.match(str(checkpoint_uri)):
+        return str(checkpoint_uri)
+    root, run, step = split_checkpoint_uri(checkpoint_uri)
+    return f"{root}/models/{run}/step-{step}"
+
+
 def load_checkpoint(uri: str, state_dict, **kw) -> CheckpointMeta:
     """Load a checkpoint given only its URI (opens the store it lives in)."""
     root, _, _ = split_checkpoint_uri(uri)

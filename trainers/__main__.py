@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flashops.trainers", description="Run a TrainingRun or TrainingPipeline.")
     p.add_argument("--spec", required=True, help="YAML file with a TrainingRun or TrainingPipeline")
     p.add_argument("--log-dir", default=None, help="write metrics.jsonl here (rank 0)")
+    p.add_argument("--no-export", dest="export", action="store_false",
+                   help="skip the serving export (<store>/models/<run>/step-<n>) written when the run finishes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -48,15 +50,37 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if os.environ.get("FLASHOPS_RUN_NAME"):
                 obj.metadata.name = os.environ["FLASHOPS_RUN_NAME"]
-            result = run_training(obj, lineage=_lineage(rank), log_dir=args.log_dir)
+            lineage = _lineage(rank)
+            result = run_training(obj, lineage=lineage, log_dir=args.log_dir)
             summary = {"run": result.run, "steps": result.steps, "checkpoint": result.checkpoint_uri,
                        "loss": result.metrics.get("loss")}
+            _leave_process_group()  # the export below reads the whole checkpoint in one process
+            if args.export and rank == 0 and result.checkpoint_uri:
+                summary["model"] = _export(obj, result.checkpoint_uri, lineage)
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
         print(json.dumps(summary))
     return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _export(run, checkpoint_uri: str, lineage) -> str:
+    """The serving export of the final checkpoint, at the URI the operator gives the predictor
+    (flashops.storage.exported_model_uri), recorded in lineage."""
+    from flashops.storage import open_store, split_checkpoint_uri
+    from flashops.trainers.runner import export_model
+
+    root, name, step = split_checkpoint_uri(checkpoint_uri)
+    return export_model(open_store(root), lineage or None, checkpoint_uri, name, f"step-{step}")
 
 
 def _lineage(rank: int):

@@ -61,3 +61,12 @@ spec: {stage: sft, training: {steps: 2, batchSize: 2, seqLen: 32}, checkpoint: {
 
     latest = open_store(f"file://{tmp_path}/store/team-a").latest("contract-sft")
     assert latest is not None and latest.step == 2
+
+    # What the operator then serves for a ModelDeployment of this run is the export the pod just wrote.
+    from flashops.operator.reconcile import served_uri
+    from flashops.serving.loading import ServeOptions, load_predictor
+
+    served = served_uri(latest.uri)
+    assert served == f"file://{tmp_path}/store/team-a/models/contract-sft/step-2"
+    predictor = load_predictor(ServeOptions(model_uri=served, name="contract-chat", cache_dir=str(tmp_path / "cache")))
+    assert predictor.name == "contract-chat"

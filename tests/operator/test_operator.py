@@ -181,7 +181,8 @@ def test_quickstart_pipeline_advances_stage_by_stage_then_deploys(k8s, start_ope
     isvc = k8s.wait_for(lambda: k8s.find(*ISVCS, "quickstart-chat"), message="the InferenceService")
     assert_valid(isvc)
     container = isvc["spec"]["predictor"]["containers"][0]
-    assert container["args"] == ["--model", previous_ckpt]
+    assert container["args"][:2] == ["--model", previous_ckpt.replace("/runs/", "/models/")]  # the trainer's export
+    assert container["args"][2:4] == ["--name", "quickstart-chat"]
     assert isvc["spec"]["predictor"]["minReplicas"] == 1 and isvc["spec"]["predictor"]["maxReplicas"] == 2
     k8s.patch(*ISVCS, "quickstart-chat", {"status": {"url": "http://quickstart-chat.default.example.com", "conditions": [
         {"type": "PredictorReady", "status": "True"}, {"type": "Ready", "status": "True"}]}}, subresource="status")
