@@ -24,7 +24,7 @@ metadata: {{name: {name}}}
 spec:
   stage: {stage}
   data: {{uri: "{data}"}}
-  training: {{steps: {steps}, batchSize: 2, seqLen: 48}}
+  training: {{steps: {steps}, batchSize: 2, seqLen: 32}}
   checkpoint: {{every: 2, keep: 2, uri: "{store}"}}
 """
 
@@ -63,7 +63,7 @@ def test_user_data_and_checkpoints_in_s3_with_resume(s3_server, tmp_path):
     # Kill the run once its first S3 checkpoint is complete; the same spec run again resumes from it.
     spec = tmp_path / "pretrain.yaml"
     spec.write_text(RUN.format(name="s3-pretrain", stage="pretrain", data=f"s3://{data_bucket}/corpus/docs.jsonl",
-                               steps=8, store=store_uri))
+                               steps=6, store=store_uri))
     proc = subprocess.Popen([FLASHOPS, "run", "-f", str(spec), "--no-export"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -78,15 +78,15 @@ def test_user_data_and_checkpoints_in_s3_with_resume(s3_server, tmp_path):
         if proc.poll() is None:
             proc.kill()
     killed_at = store.latest("s3-pretrain")
-    assert killed_at.step < 8
+    assert killed_at.step < 6
     store.verify(killed_at)
     assert killed_at.uri.startswith(f"s3://{bucket}/team/runs/s3-pretrain/step-")
 
-    second = run("s3-pretrain", "pretrain", f"s3://{data_bucket}/corpus/docs.jsonl", 8)
+    second = run("s3-pretrain", "pretrain", f"s3://{data_bucket}/corpus/docs.jsonl", 6)
     final = store.latest("s3-pretrain")
-    assert final.step == 8
+    assert final.step == 6
     assert f"(resumed at {killed_at.step})" in second.stdout  # the summary says where it resumed
-    assert [r.step for r in store.list("s3-pretrain")] == [6, 8]  # keep: 2
+    assert [r.step for r in store.list("s3-pretrain")] == [4, 6]  # keep: 2
 
     # Parquet from file://, initialised from the S3 checkpoint.
     spec = RUN.format(name="s3-sft", stage="sft", data=f"file://{parquet}", steps=2, store=store_uri)
