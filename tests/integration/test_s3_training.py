@@ -34,7 +34,7 @@ def text_rows(n: int) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_user_data_and_checkpoints_in_s3_with_resume(s3_server, tmp_path):
+def test_user_data_and_checkpoints_in_s3_with_resume(s3_server, tmp_path, monkeypatch):
     bucket = s3_server.make_bucket()
     data_bucket = s3_server.make_bucket()
     client = s3_server.client()
@@ -57,7 +57,7 @@ def test_user_data_and_checkpoints_in_s3_with_resume(s3_server, tmp_path):
         return out
 
     for k, v in s3_server.env().items():
-        os.environ[k] = v  # this process opens the store too
+        monkeypatch.setenv(k, v)  # this process opens the store too
     store = open_store(store_uri)
 
     # Kill the run once its first S3 checkpoint is complete; the same spec run again resumes from it.
@@ -99,6 +99,7 @@ def test_user_data_and_checkpoints_in_s3_with_resume(s3_server, tmp_path):
 
 
 def test_missing_s3_data_object_is_a_usage_error_before_compute(s3_server, tmp_path):
+    assert "FLASHOPS_S3_ENDPOINT" not in os.environ or os.environ["FLASHOPS_S3_ENDPOINT"] != s3_server.endpoint
     bucket = s3_server.make_bucket()
     env = {**os.environ, **s3_server.env(), "FLASHOPS_HOME": str(tmp_path / "home")}
     spec = tmp_path / "r.yaml"

@@ -4,6 +4,7 @@ spec -> `flashops validate` -> `flashops run` (pretrain -> sft -> dpo -> rl) -> 
 -> ModelDeployment (`flashops render` for the cluster, `flashops serve` locally) -> predictor answers
 -> `flashops lineage graph` traces the deployment back to its datasets.
 """
+import json
 import os
 import signal
 import socket
@@ -124,6 +125,14 @@ def test_spec_to_served_model_and_back_through_lineage(user):
         second = httpx.post(f"{base}/openai/v1/chat/completions", json=ask, timeout=60).json()
         assert first["model"] == "tiny-chat" and first["usage"]["completion_tokens"] >= 1
         assert first["choices"][0]["message"] == second["choices"][0]["message"]  # greedy is deterministic
+        streamed = []
+        with httpx.stream("POST", f"{base}/openai/v1/chat/completions", json={**ask, "stream": True}, timeout=60) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    streamed.append(json.loads(line[len("data: "):]))
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed if c.get("choices"))
+        assert text == first["choices"][0]["message"]["content"]  # the stream says what the plain answer said
         bad = httpx.post(f"{base}/openai/v1/chat/completions", json={**ask, "model": "nope"}, timeout=30)
         assert bad.status_code == 404 and "nope" in bad.json()["error"]["message"]
     finally:
