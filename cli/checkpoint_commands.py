@@ -43,6 +43,24 @@ def _store_and_run(uri: str):
     return (open_store(m["root"]), m["run"]) if m else (open_store(uri), None)
 
 
+def _target(uri: str):
+    """(store, URI, is_model) for what show/verify name: an exported model, a checkpoint, or a run (its latest)."""
+    from flashops.storage import StoreConfigError, split_checkpoint_uri
+    from flashops.storage.store import _MODEL_URI
+
+    if _MODEL_URI.match(uri) and "/runs/" not in uri:
+        return _store_and_run(_MODEL_URI.match(uri)["root"])[0], uri, True
+    try:
+        return _store_and_run(split_checkpoint_uri(uri)[0])[0], uri, False
+    except StoreConfigError:
+        store, run = _store_and_run(uri)
+        ref = store.latest(run) if run else None
+        if ref is None:
+            raise StoreConfigError(f"{uri!r} is not a checkpoint URI (<store>/runs/<run>/step-<n>) nor a run "
+                                   "with a complete checkpoint; see flashops checkpoints list") from None
+        return store, ref.uri, False
+
+
 def _human(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -92,25 +110,11 @@ def show(uri: str = typer.Argument(..., help="<store>/runs/<run>/step-<n> or <st
 
         flashops checkpoints show file://$HOME/.flashops/store/runs/quickstart-rl/step-20
     """
-    from flashops.storage import StoreConfigError, StoreError, split_checkpoint_uri
-    from flashops.storage.store import _MODEL_URI
+    from flashops.storage import StoreError
 
     try:
-        if _MODEL_URI.match(uri) and "/runs/" not in uri:
-            store, _ = _store_and_run(_MODEL_URI.match(uri)["root"])
-            doc = store.model_manifest(uri)
-        else:
-            try:
-                root, _, _ = split_checkpoint_uri(uri)
-            except StoreConfigError:
-                store, run = _store_and_run(uri)
-                ref = store.latest(run) if run else None
-                if ref is None:
-                    raise StoreConfigError(f"{uri!r} is not a checkpoint URI (<store>/runs/<run>/step-<n>) nor a run "
-                                           "with a complete checkpoint; see flashops checkpoints list")
-                uri, root = ref.uri, store.uri
-            store, _ = _store_and_run(root)
-            doc = store.read_manifest(uri)
+        store, uri, is_model = _target(uri)
+        doc = store.model_manifest(uri) if is_model else store.read_manifest(uri)
     except StoreError as e:
         raise _fail(e)
     total = sum(o["size"] for o in doc["objects"].values())
@@ -127,22 +131,10 @@ def verify(uri: str = typer.Argument(..., help="<store>/runs/<run>/step-<n>, <st
 
         flashops checkpoints verify file://$HOME/.flashops/store/runs/quickstart-rl
     """
-    from flashops.storage import StoreConfigError, StoreError, split_checkpoint_uri
-    from flashops.storage.store import _MODEL_URI
+    from flashops.storage import StoreError
 
     try:
-        if _MODEL_URI.match(uri) and "/runs/" not in uri:
-            store, _ = _store_and_run(_MODEL_URI.match(uri)["root"])
-        else:
-            try:
-                store, _ = _store_and_run(split_checkpoint_uri(uri)[0])
-            except StoreConfigError:
-                store, run = _store_and_run(uri)
-                ref = store.latest(run) if run else None
-                if ref is None:
-                    raise StoreConfigError(f"{uri!r}: give a checkpoint URI (<store>/runs/<run>/step-<n>) or a run "
-                                           "that has a complete checkpoint")
-                uri = ref.uri
+        store, uri, _ = _target(uri)
         report = store.verify(uri)
     except StoreError as e:
         raise _fail(e)
