@@ -29,8 +29,17 @@ for them; each says why and when it can go.
    ReduceOp.PREMUL_SUM when a divide factor is set (torchtitan sets one for the routed experts under EP),
    and gloo does not implement PREMUL_SUM. We ask every FSDP unit for plain sums with separate scaling.
    Remove when gloo supports PREMUL_SUM (or FSDP falls back by itself).
+7. `linear` / `grouped_mm` on CPU in fp32 go through oneDNN, not MKL: torch's CPU fp32 matmul calls MKL's sgemm,
+   which on non-Intel x86 CPUs (this machine: AMD EPYC with AVX-512) takes its AVX2 path, about 150-200
+   GFLOP/s on 2 cores, while oneDNN's fp32 kernel (`mkldnn._linear_pointwise`, full fp32, not bf16) reaches
+   400-460 GFLOP/s on the same shapes (benchmarks/cpu_matmul.py prints both). `use_onednn_linears(model)`
+   points the model's nn.Linear modules at `linear`; DTensors, other dtypes, CUDA and torch.compile keep
+   F.linear. FLASHOPS_CPU_MATMUL=aten turns it off. Remove when torch's CPU fp32 matmul dispatches to oneDNN
+   (or MKL runs its AVX-512 path on AMD).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +60,8 @@ def grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.
     """`a @ b_t[e]` for each expert's row block (ends at offs[e]); CPU runs in the weights' dtype."""
     if a.is_cuda:  # torchtitan's path: the CUDA kernel wants bf16
         return torch._grouped_mm(a.bfloat16(), b_t.bfloat16(), offs=offs)
+    if _onednn_applies(a.to(b_t.dtype), b_t):
+        return _OneDNNGroupedLinear.apply(a.to(b_t.dtype), b_t.transpose(-2, -1), offs)
     out = torch._grouped_mm(a.to(b_t.dtype), b_t, offs=offs)
     return _ContiguousGrad.apply(out) if out.requires_grad else out
 
@@ -125,3 +136,191 @@ def sum_reductions_for_gloo(model) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
+
+
+# ---- 7. fp32 CPU matmuls through oneDNN ----------------------------------------------------------
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not isinstance(x, DTensor) and not isinstance(weight, DTensor)
+            and _ONEDNN_FP32 and not torch.compiler.is_compiling())
+
+
+_ONEDNN_FP32 = torch.backends.mkldnn.is_available() and os.environ.get("FLASHOPS_CPU_MATMUL", "onednn") != "aten"
+
+
+def _mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T through oneDNN's fp32 kernel (any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad^T @ x for (N, out) and (N, in), contiguous (out, in) like the weight. oneDNN takes a transposed
+    weight as is but copies a transposed input; computing (x^T @ grad)^T instead costs a slower copy of
+    the result when the gradient is accumulated."""
+    return _mm(grad.t(), x.t())
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _mm(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = _mm(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad(grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1]))
+        return grad_x, grad_w
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through oneDNN for plain fp32 CPU tensors."""
+    if not _onednn_applies(x, weight):
+        return F.linear(x, weight, bias)
+    y = _OneDNNLinear.apply(x, weight)
+    return y if bias is None else y + bias
+
+
+class _OneDNNGroupedLinear(torch.autograd.Function):
+    """Rows [offs[e-1], offs[e]) of x times weight[e].T, for each expert e (weight: (E, out, in))."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offs):
+        bounds = [0, *offs.tolist()]
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        out[bounds[-1]:] = 0  # rows past the last expert's (none on the CPU dispatch path)
+        for e in range(weight.shape[0]):
+            if bounds[e + 1] > bounds[e]:
+                out[bounds[e]:bounds[e + 1]] = _mm(x[bounds[e]:bounds[e + 1]], weight[e])
+        ctx.bounds = bounds
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad, b = grad.contiguous(), ctx.bounds
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        if grad_x is not None:
+            grad_x[b[-1]:] = 0
+        for e in range(weight.shape[0]):
+            if b[e + 1] == b[e]:
+                if grad_w is not None:
+                    grad_w[e] = 0
+                continue
+            g = grad[b[e]:b[e + 1]]
+            if grad_x is not None:
+                grad_x[b[e]:b[e + 1]] = _mm(g, weight[e].t())
+            if grad_w is not None:
+                grad_w[e] = _weight_grad(g, x[b[e]:b[e + 1]])
+        return grad_x, grad_w, None
+
+
+def use_onednn_linears(model: torch.nn.Module) -> None:
+    """Route every nn.Linear of `model` through `linear` (same parameters, same state dict)."""
+    for module in model.modules():
+        cls = type(module)
+        if isinstance(module, torch.nn.Linear) and not getattr(cls, "_onednn_linear", False):
+            module.__class__ = _onednn_subclass(cls)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _onednn_subclass(cls: type) -> type:
+    if cls not in _SUBCLASSES:
+        def forward(self, x):
+            return linear(x, self.weight, self.bias)
+        _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_onednn_linear": True,
+                                                       "__module__": cls.__module__})
+    return _SUBCLASSES[cls]
+
+
+# ---- 8. MLA training attention on CPU (fp32) -----------------------------------------------------
+# The fused flash kernel's inner products run on MKL (its AVX2 path here, see 7). Instead: per (batch, head),
+# scores through oneDNN, the softmax into a saved probability buffer, and the value product, so the L x S
+# temporaries stay in cache; the backward reuses the probabilities (no recomputation). It takes MLA's
+# pieces as they come (q_nope/q_pe, per-head k_nope, the one shared roped key k_pe, v) and packs them per
+# head once, so the model skips its q/k concatenations. Used while B*H*L*S probabilities fit the limit
+# below; inference, other dtypes and larger shapes stay on SDPA. Remove with 7.
+_ATTENTION_PROBS_LIMIT = 1 << 25  # elements of B*H*L*S (128 MiB fp32 per layer)
+
+
+def mla_attention_applies(q: torch.Tensor, kv_len: int) -> bool:
+    """q (B, L, H, D), requiring grad, fp32 on CPU, probabilities within the limit."""
+    bsz, q_len, heads, _ = q.shape
+    return (torch.is_grad_enabled() and q.requires_grad and _onednn_applies(q, q)
+            and bsz * heads * q_len * kv_len <= _ATTENTION_PROBS_LIMIT)
+
+
+def mla_attention(q_nope, q_pe, k_nope, k_pe, v, *, mask, is_causal, scale):
+    """softmax(scale * [q_nope, q_pe] . [k_nope, k_pe]) v per head. q_*: (B, L, H, .), k_nope and v:
+    (B, S, H, .), k_pe: (B, S, 1, rope) shared by all heads; mask: bool (True = attend) broadcastable to
+    (B, 1, L, S), or is_causal. Returns (B, L, H, v_dim)."""
+    q_len, kv_len = q_nope.shape[1], k_nope.shape[1]
+    if is_causal:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q_nope.device).tril()
+    bias = None
+    if mask is not None:  # additive, (Bm, L, S) with Bm in (1, B)
+        mask = mask.reshape(-1, q_len, kv_len)
+        bias = torch.zeros(mask.shape, dtype=q_nope.dtype, device=q_nope.device).masked_fill_(~mask, float("-inf"))
+    return _MLAttentionCPU.apply(q_nope, q_pe, k_nope, k_pe, v, bias, scale)
+
+
+class _MLAttentionCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_nope, q_pe, k_nope, k_pe, v, bias, scale):
+        bsz, q_len, heads, nope = q_nope.shape
+        kv_len, rope, v_dim, n = k_nope.shape[1], q_pe.shape[-1], v.shape[-1], bsz * q_nope.shape[2]
+        q = q_nope.new_empty(bsz, heads, q_len, nope + rope)  # per-head contiguous, scale folded in
+        torch.mul(q_nope.transpose(1, 2), scale, out=q[..., :nope])
+        torch.mul(q_pe.transpose(1, 2), scale, out=q[..., nope:])
+        k = k_nope.new_empty(bsz, heads, kv_len, nope + rope)
+        k[..., :nope] = k_nope.transpose(1, 2)
+        k[..., nope:] = k_pe.transpose(1, 2)  # broadcast over heads
+        q, k = q.view(n, q_len, -1), k.view(n, kv_len, -1)
+        v_ = v.transpose(1, 2).reshape(n, kv_len, v_dim)
+        probs = q.new_empty(n, q_len, kv_len)
+        out = q.new_empty(bsz, q_len, heads, v_dim)  # written per head, returned in the model's layout
+        out_heads = out.transpose(1, 2)
+        for i in range(n):
+            scores = _mm(q[i], k[i])
+            if bias is not None:
+                scores.add_(bias[(i // heads) % bias.shape[0]])
+            torch.ops.aten._softmax.out(scores, -1, False, out=probs[i])
+            out_heads[i // heads, i % heads] = _mm(probs[i], v_[i].t())
+        ctx.save_for_backward(q, k, v_, probs)
+        ctx.dims = (bsz, heads, nope, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, probs = ctx.saved_tensors
+        bsz, heads, nope, scale = ctx.dims
+        n, q_len, qk_dim = q.shape
+        kv_len, v_dim = k.shape[1], v.shape[-1]
+        g = grad_out.transpose(1, 2).reshape(n, q_len, v_dim)
+        q_t, g_t = q.transpose(1, 2).contiguous(), g.transpose(1, 2).contiguous()  # thin operands, transposed once
+        grad_q = torch.empty_like(q)
+        grad_k_t = q.new_empty(n, qk_dim, kv_len)
+        grad_v_t = q.new_empty(n, v_dim, kv_len)
+        grad_s = q.new_empty(q_len, kv_len)
+        for i in range(n):
+            p = probs[i]
+            grad_p = _mm(g[i], v[i])  # dP = dO V^T
+            torch.ops.aten._softmax_backward_data.out(grad_p, p, -1, q.dtype, grad_input=grad_s)
+            grad_q[i] = _mm(grad_s, k[i].t())  # dQ = dS K (scale applied below)
+            grad_k_t[i] = _mm(q_t[i], grad_s.t())  # dK^T = (scale Q)^T dS
+            grad_v_t[i] = _mm(g_t[i], p.t())  # dV^T = dO^T P
+        grad_q = grad_q.mul_(scale).view(bsz, heads, q_len, qk_dim).transpose(1, 2)
+        grad_k = grad_k_t.view(bsz, heads, qk_dim, kv_len).permute(0, 3, 1, 2)  # (B, S, H, qk)
+        grad_v = grad_v_t.view(bsz, heads, v_dim, kv_len).permute(0, 3, 1, 2)
+        return (grad_q[..., :nope], grad_q[..., nope:], grad_k[..., :nope],
+                grad_k[..., nope:].sum(2, keepdim=True), grad_v, None, None)

@@ -112,6 +112,11 @@ class MLAttention(Attention):
         kv_len = c_kv.shape[1]
         kv = self.wkv_b(c_kv).view(bsz, kv_len, -1, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        if self.backend == "sdpa" and compat.mla_attention_applies(q_nope, kv_len):  # CPU training
+            mask, is_causal = _sdpa_mask(seqlen, kv_len, start_pos, positions, x.device)
+            out = compat.mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask=mask, is_causal=is_causal,
+                                       scale=self.softmax_scale)
+            return self.wo(out.view(bsz, seqlen, -1))
         k = torch.cat([k_nope, k_pe.expand(-1, -1, k_nope.size(2), -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
 
@@ -342,6 +347,7 @@ class JoyAIFlash(DeepSeekV3Model):
         super().__init__(config)
         self.arch: JoyAIConfig = config.arch
         self.bias_update_rate = self.arch.bias_update_rate
+        compat.use_onednn_linears(self)
         if not any(p.is_meta for p in self.parameters()):
             self.init_states()
 

@@ -1,0 +1,118 @@
+"""The CPU training kernels in flashops.model._torchtitan_compat (oneDNN linears, grouped expert matmuls and the
+MLA attention) against torch's reference ops: same values and gradients, and the model trains the same way
+with them switched off."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashops.model import JoyAIFlash, get_config
+from flashops.model import _torchtitan_compat as compat
+
+
+def _grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.dtype)
+    out.backward(grad_out)
+    return out.detach(), [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("shape", [(37, 48), (2, 19, 48)])
+def test_onednn_linear_matches_f_linear(shape):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(shape), torch.randn(80, 48), torch.randn(80)
+    out, grads = _grads(compat.linear, x, w, b)
+    ref, ref_grads = _grads(F.linear, x, w, b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
+    # a transposed (non-contiguous) input gives the same as its contiguous copy
+    xt = torch.randn(48, 37).t()
+    torch.testing.assert_close(compat.linear(xt, w), F.linear(xt.contiguous(), w), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_path_is_only_taken_for_plain_fp32_cpu_tensors():
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    assert compat._onednn_applies(x, w)
+    assert not compat._onednn_applies(x.double(), w.double())
+    assert not compat._onednn_applies(x.bfloat16(), w.bfloat16())
+
+
+def test_grouped_linear_matches_torch_grouped_mm_with_an_empty_expert():
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 9, 2])  # expert 1 gets no tokens
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    x, w_t = torch.randn(16, 24), torch.randn(4, 24, 40)  # (E, in, out), as GroupedExperts passes it
+    out, grads = _grads(lambda a, b: compat.grouped_mm(a, b, offs), x, w_t)
+    ref, ref_grads = _grads(lambda a, b: torch._grouped_mm(a, b, offs=offs), x, w_t)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-4)
+    assert torch.all(grads[1][1] == 0)  # the idle expert's weights get a zero gradient
+
+
+def _reference_mla(q_nope, q_pe, k_nope, k_pe, v, *, mask, is_causal, scale):
+    heads = q_nope.shape[2]
+    q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)
+    k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], -1).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=is_causal, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _packed_docs_mask(lengths, batch):
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).expand(batch, -1)
+    causal = torch.ones(doc.shape[1], doc.shape[1], dtype=torch.bool).tril()
+    return ((doc.unsqueeze(2) == doc.unsqueeze(1)) & causal).unsqueeze(1)
+
+
+@pytest.mark.parametrize("case", ["causal", "packed documents", "queries after a prefix"])
+def test_mla_attention_matches_sdpa_values_and_gradients(case):
+    torch.manual_seed(0)
+    bsz, heads, q_len, kv_len = 2, 3, 24, 24
+    mask, is_causal = None, True
+    if case == "packed documents":
+        mask, is_causal = _packed_docs_mask([9, 15], bsz), False
+    elif case == "queries after a prefix":  # 8 new queries attending to 16 cached positions and themselves
+        q_len, kv_len, is_causal = 8, 24, False
+        mask = torch.arange(kv_len).unsqueeze(0) <= torch.arange(16, 24).unsqueeze(1)
+    inputs = [torch.randn(bsz, q_len, heads, 16), torch.randn(bsz, q_len, heads, 8),
+              torch.randn(bsz, kv_len, heads, 16), torch.randn(bsz, kv_len, 1, 8), torch.randn(bsz, kv_len, heads, 12)]
+    kwargs = dict(mask=mask, is_causal=is_causal, scale=0.3)
+    out, grads = _grads(lambda *t: compat.mla_attention(*t, **kwargs), *inputs)
+    ref, ref_grads = _grads(lambda *t: _reference_mla(*t, **kwargs), *[t.double() for t in inputs])
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_learns_the_same_with_the_cpu_kernels_off(monkeypatch):
+    """One training step of joyai-flash-debug with the oneDNN kernels and with torch's own ops (what
+    FLASHOPS_CPU_MATMUL=aten selects): same loss, same gradients."""
+    torch.manual_seed(0)
+    model = JoyAIFlash(get_config("joyai-flash-debug")).train()
+    tokens = torch.randint(0, model.arch.vocab_size, (2, 33), generator=torch.Generator().manual_seed(3))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(tokens[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss = loss + 0.1 * F.cross_entropy(out.mtp_logits[:, 1:].flatten(0, 1), tokens[:, 2:].flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert compat.mla_attention_applies(torch.zeros(2, 32, 4, 8, requires_grad=True), 32)
+    loss_fast, grads_fast = step()
+    monkeypatch.setattr(compat, "_ONEDNN_FP32", False)
+    loss_ref, grads_ref = step()
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-5)
+    assert grads_fast.keys() == grads_ref.keys() and len(grads_fast) > 20
+    for name in grads_ref:
+        torch.testing.assert_close(grads_fast[name], grads_ref[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_linears_keep_their_names_and_state_dict():
+    model = JoyAIFlash(get_config("joyai-flash-debug"))
+    wkv_b = model.layers["0"].attention.wkv_b
+    assert type(wkv_b).__name__ == "Linear" and isinstance(wkv_b, torch.nn.Linear) and type(wkv_b)._onednn_linear
+    fresh = JoyAIFlash(get_config("joyai-flash-debug"))
+    fresh.load_state_dict(model.state_dict())  # same keys, same shapes
