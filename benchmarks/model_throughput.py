@@ -5,6 +5,11 @@ implementations alternate A B C A B C ... so machine drift shows up as spread, n
 
     .venv/bin/python benchmarks/model_throughput.py                 # debug, small and the torchtitan debug config
     .venv/bin/python benchmarks/model_throughput.py --rounds 3 --steps 5 --batch 2 --seq 256 --threads 2
+    .venv/bin/python benchmarks/model_throughput.py --configs tt-debug --default-malloc
+
+Every implementation runs with the same optimizer (torch's fused AdamW, what the flashops trainer uses) and the
+same allocator settings (trainers/cpu_allocator.py: glibc keeps freed memory; --default-malloc turns that off
+for all of them). "flashops+mtp" also trains the MTP layer, work the others do not do: not a like-for-like row.
 """
 from __future__ import annotations
 
@@ -86,7 +91,7 @@ def _build(impl, cfg_name):
     return model, loss_fn, cfg.vocab_size
 
 
-def measure_one(impl, cfg_name, batch, seq, steps, warmup, threads):
+def measure_one(impl, cfg_name, batch, seq, steps, warmup, threads, min_seconds=3.0):
     import torch
 
     torch.set_num_threads(threads)
@@ -94,10 +99,12 @@ def measure_one(impl, cfg_name, batch, seq, steps, warmup, threads):
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model, loss_fn, vocab = _build(impl, cfg_name)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # the kernel flashops' trainer uses, for all
     tokens = torch.randint(0, vocab, (batch, seq + 1))
     times = []
-    for i in range(warmup + steps):
+    i = 0
+    while i < warmup + steps or sum(times) < min_seconds:  # short steps: measure at least min_seconds
+        i += 1
         t0 = time.perf_counter()
         loss = loss_fn(tokens)
         opt.zero_grad(set_to_none=True)
@@ -105,7 +112,7 @@ def measure_one(impl, cfg_name, batch, seq, steps, warmup, threads):
         opt.step()
         if hasattr(model, "update_router_bias"):
             model.update_router_bias()
-        if i >= warmup:
+        if i > warmup:
             times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"tok_s": batch * seq / statistics.median(times), "peak_mib": (peak - base_rss) / 1024,
@@ -121,12 +128,18 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", default="tt-debug,joyai-flash-debug,joyai-flash-small")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="glibc's default allocator settings (memory handed back to the OS and refaulted every step)")
     ap.add_argument("--one", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_one(*args.one, args.batch, args.seq, args.steps, args.warmup, args.threads)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
+    if not args.default_malloc:  # the same allocator settings for every implementation (trainers/cpu_allocator.py)
+        from flashops.trainers.cpu_allocator import ENV as MALLOC_ENV
+
+        env.update(MALLOC_ENV)
     results = {}
     for cfg_name in args.configs.split(","):
         impls = ["flashops", "transformers"] + (["torchtitan"] if cfg_name == "tt-debug" else ["flashops+mtp"])
@@ -143,12 +156,14 @@ def main():
                 results.setdefault((cfg_name, impl), []).append(res)
                 print(f"  round {r + 1} {cfg_name:18s} {impl:13s} {res['tok_s']:8.0f} tok/s  {res['peak_mib']:7.0f} MiB",
                       file=sys.stderr)
-    print(f"\nfwd+bwd+AdamW on CPU, fp32, batch {args.batch} x {args.seq}, {args.threads} threads, "
-          f"{args.rounds} alternating rounds (median of {args.steps} steps each)\n")
+    print(f"\nfwd+bwd+AdamW (fused) on CPU, fp32, batch {args.batch} x {args.seq}, {args.threads} threads, "
+          f"{args.rounds} alternating rounds (median of >= {args.steps} steps and >= 3 s each), "
+          f"{'default glibc malloc' if args.default_malloc else 'malloc keeping freed memory (same for all)'}\n")
     print("vs transformers: 'paired' = median over rounds of (this / transformers in the same round, run back to")
     print("back), the least drift-sensitive figure on a shared machine; 'best' = best round / best round.\n")
     print(f"{'config':18s} {'implementation':14s} {'params':>8s} {'tok/s median':>13s} {'min..max':>15s} "
           f"{'peak MiB':>9s} {'paired (range)':>20s} {'best':>7s}")
+    print("(flashops+mtp: main + 0.1 x MTP loss, an extra block the others do not run)")
     for cfg_name in args.configs.split(","):
         hf = results.get((cfg_name, "transformers"))
         for (c, impl), rs in results.items():

@@ -156,9 +156,13 @@ def _mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad^T @ x for (N, out) and (N, in), contiguous (out, in) like the weight. oneDNN takes a transposed
-    weight as is but copies a transposed input; computing (x^T @ grad)^T instead costs a slower copy of
-    the result when the gradient is accumulated."""
+    """grad^T @ x for (N, out) and (N, in), as a contiguous (out, in) tensor like the weight. oneDNN takes a
+    transposed weight as is but copies a transposed input, so one operand gets transposed: grad (N x out
+    copied), or x (N x in copied, then the (in, out) result transposed back) when that moves less memory,
+    e.g. for the output head (out = vocab)."""
+    n, d_out, d_in = grad.shape[0], grad.shape[1], x.shape[1]
+    if d_in * (n + d_out) < n * d_out:
+        return _mm(x.t().contiguous(), grad.t()).t().contiguous()
     return _mm(grad.t(), x.t())
 
 

@@ -25,6 +25,7 @@ import torch
 
 from flashops.api.spec import TrainingRun
 from flashops.trainers import checks
+from flashops.trainers.cpu_allocator import keep_freed_memory
 from flashops.trainers.errors import ResumeError
 from flashops.trainers.metrics import MetricsLog
 from flashops.trainers.optim import build_optimizers, set_lr
@@ -80,6 +81,8 @@ class Trainer:
         from flashops.trainers.stages import make_stage
 
         plan = self.preflight()
+        if not torch.cuda.is_available():
+            keep_freed_memory()  # CPU training: no per-step page faults for the same buffers
         self.dist = parallel.init_distributed(self.spec.parallelism)
         torch.manual_seed(self.spec.training.seed)
         self.dtype = plan.dtype
