@@ -60,7 +60,8 @@ def grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.
     """`a @ b_t[e]` for each expert's row block (ends at offs[e]); CPU runs in the weights' dtype."""
     if a.is_cuda:  # torchtitan's path: the CUDA kernel wants bf16
         return torch._grouped_mm(a.bfloat16(), b_t.bfloat16(), offs=offs)
-    if _onednn_applies(a.to(b_t.dtype), b_t):
+    per_expert_macs = a.shape[0] // b_t.shape[0] * b_t.shape[1] * b_t.shape[2]
+    if _onednn_applies(a.to(b_t.dtype), b_t) and per_expert_macs >= _ONEDNN_MIN_MACS:
         return _OneDNNGroupedLinear.apply(a.to(b_t.dtype), b_t.transpose(-2, -1), offs)
     out = torch._grouped_mm(a.to(b_t.dtype), b_t, offs=offs)
     return _ContiguousGrad.apply(out) if out.requires_grad else out
@@ -183,11 +184,19 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
+# Below about a million multiply-adds (e.g. batch-1 decoding) oneDNN's per-call overhead (~10-15 us) loses to
+# MKL (benchmarks/cpu_matmul.py --rows 1); from ~1.5M up oneDNN wins.
+_ONEDNN_MIN_MACS = 1 << 20
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through oneDNN for plain fp32 CPU tensors."""
-    if not _onednn_applies(x, weight):
+    """F.linear, through oneDNN for plain fp32 CPU tensors big enough to gain from it."""
+    if not _onednn_applies(x, weight) or x.numel() * weight.shape[0] < _ONEDNN_MIN_MACS:
         return F.linear(x, weight, bias)
-    y = _OneDNNLinear.apply(x, weight)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        y = _OneDNNLinear.apply(x, weight)
+    else:
+        y = _mm(x, weight)
     return y if bias is None else y + bias
 
 

@@ -9,6 +9,24 @@ from flashops.model import JoyAIFlash, get_config
 from flashops.model import _torchtitan_compat as compat
 
 
+@pytest.fixture(autouse=True)
+def onednn_for_every_size(monkeypatch):
+    """These tests use small shapes; take the oneDNN path for them too."""
+    monkeypatch.setattr(compat, "_ONEDNN_MIN_MACS", 0)
+
+
+def test_decode_sized_matmuls_stay_on_torchs_kernel(monkeypatch):
+    """Below _ONEDNN_MIN_MACS (batch-1 decoding) oneDNN's call overhead loses; those calls must not reach it."""
+    monkeypatch.setattr(compat, "_ONEDNN_MIN_MACS", 1 << 20)
+    calls = []
+    monkeypatch.setattr(compat, "_mm", lambda x, w: calls.append(x.shape) or F.linear(x, w))
+    w = torch.randn(384, 128)
+    compat.linear(torch.randn(1, 128), w)  # 49K multiply-adds
+    assert calls == []
+    compat.linear(torch.randn(64, 128), w)  # 3.1M
+    assert calls == [(64, 128)]
+
+
 def _grads(fn, *inputs):
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*inputs)
