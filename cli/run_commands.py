@@ -85,12 +85,15 @@ def _rl_comparison(result, console) -> None:
     console.print(table)
     for b, a in zip(before.get("examples", []), after.get("examples", [])):
         console.print(f"  {b['question']!r} expected {b['expected']!r}: before {b['answer']!r} -> after {a['answer']!r}")
-    # sampled reward is what RL optimises (at the training temperature); greedy accuracy is shown beside it
-    verdict = "better" if after["sampled_reward"] > before["sampled_reward"] else "NOT better"
-    console.print(f"After RL the model answers the RL tasks [bold]{verdict}[/bold] than before "
-                  f"(sampled reward {before['sampled_reward']:.3f} -> {after['sampled_reward']:.3f}, "
-                  f"greedy accuracy {before['greedy_accuracy']:.3f} -> {after['greedy_accuracy']:.3f}).")
+    # sampled reward is what RL optimises (at the training temperature); greedy accuracy is reported beside it,
+    # each with its own direction, so a rise in one never hides a fall in the other
+    def moved(name, key):
+        b, a = before[key], after[key]
+        word = "rose" if a > b else "fell" if a < b else "stayed"
+        return f"{name} {word} ({b:.3f} -> {a:.3f})"
 
+    console.print(f"After RL: {moved('sampled reward (what RL optimises)', 'sampled_reward')}; "
+                  f"{moved('greedy accuracy', 'greedy_accuracy')}.")
 
 def run(
     file: Path = typer.Option(..., "-f", "--file", help="YAML with TrainingRun / TrainingPipeline objects"),

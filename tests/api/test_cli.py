@@ -84,3 +84,22 @@ def test_every_command_and_group_help_shows_an_example():
     missing = [" ".join(p) or "flashops" for p, c in walk(typer.main.get_command(app), [])
                if not ("xample" in (c.help or "") and "flashops " in (c.help or ""))]
     assert not missing, f"--help without an example: {missing}"
+
+
+def test_rl_summary_reports_each_metric_with_its_own_direction():
+    """A rise in sampled reward must not read as 'better' when greedy accuracy fell."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from flashops.cli.run_commands import _rl_comparison
+
+    def ev(reward, greedy):
+        return {"prompts": 48, "greedy_accuracy": greedy, "sampled_reward": reward, "per_domain_greedy": {}}
+
+    console = Console(record=True, width=200)
+    result = SimpleNamespace(run="rl", metrics={"eval_before": ev(0.094, 0.146), "eval_after": ev(0.125, 0.125)})
+    _rl_comparison(result, console)
+    text = console.export_text()
+    assert "sampled reward (what RL optimises) rose (0.094 -> 0.125)" in text
+    assert "greedy accuracy fell (0.146 -> 0.125)" in text
