@@ -464,16 +464,21 @@ def _dataset(s: Session, uri: str, content_hash: str = "", version: str = "") ->
     return _new_node(s, "dataset", uri, Dataset, uri=uri, content_hash=content_hash, version=version)
 
 
+def _node_of_type(s: Session, field: str, ref: Any, types: tuple[str, ...], rule: str) -> int:
+    """The node id `ref`, which must exist and be one of `types` (NotFound names the field, the id and the rule)."""
+    nid = V.node_id(field, ref)
+    type_ = s.scalar(select(Node.type).where(Node.id == nid))
+    if type_ not in types:
+        raise NotFound(f"{field}: lineage:{nid} {'is a ' + type_ if type_ else 'does not exist'}: {rule}")
+    return nid
+
+
 def _input_node(s: Session, field: str, item: Any) -> int:
     """A run input: an id (dataset, checkpoint or model, e.g. DPO's reference policy), a dataset URI or
     {"uri", "content_hash", "version"}; unknown URIs are recorded as datasets."""
     if V.is_id(item):
-        nid = V.node_id(field, item)
-        type_ = s.scalar(select(Node.type).where(Node.id == nid))
-        if type_ not in ("dataset", "checkpoint", "model"):
-            raise NotFound(f"{field}: lineage:{nid} {'is a ' + type_ if type_ else 'does not exist'}: "
-                           "a run consumes datasets, checkpoints or models")
-        return nid
+        return _node_of_type(s, field, item, ("dataset", "checkpoint", "model"),
+                             "a run consumes datasets, checkpoints or models")
     if isinstance(item, dict):
         return _dataset(s, V.text(f"{field}.uri", item.get("uri"), 2048),
                         V.text(f"{field}.content_hash", item.get("content_hash"), 128, required=False),
@@ -487,12 +492,8 @@ def _init_node(s: Session, ref: Any) -> int:
     """What a run starts from: an id, a checkpoint/model URI (an unknown one is recorded as an external
     checkpoint, so the chain is never cut) or a run/pipeline name."""
     if V.is_id(ref):
-        nid = V.node_id("initialized_from", ref)
-        type_ = s.scalar(select(Node.type).where(Node.id == nid))
-        if type_ not in ("checkpoint", "model"):
-            raise NotFound(f"initialized_from: lineage:{nid} {'is a ' + type_ if type_ else 'does not exist'}: "
-                           "a run starts from a checkpoint or a model")
-        return nid
+        return _node_of_type(s, "initialized_from", ref, ("checkpoint", "model"),
+                             "a run starts from a checkpoint or a model")
     ref = V.text("initialized_from", ref, 2048)
     if is_uri(ref):
         for table in (Checkpoint, Model):
@@ -507,12 +508,8 @@ def _init_node(s: Session, ref: Any) -> int:
 def _served_node(s: Session, model_ref: Any, deployment_name: str) -> int:
     """What a deployment serves: a model or checkpoint id, or a URI (an unknown one becomes an external model)."""
     if V.is_id(model_ref):
-        nid = V.node_id("model_id", model_ref)
-        type_ = s.scalar(select(Node.type).where(Node.id == nid))
-        if type_ not in ("model", "checkpoint"):
-            raise NotFound(f"model_id: lineage:{nid} {'is a ' + type_ if type_ else 'does not exist'}: "
-                           "a deployment serves a model or a checkpoint")
-        return nid
+        return _node_of_type(s, "model_id", model_ref, ("model", "checkpoint"),
+                             "a deployment serves a model or a checkpoint")
     uri = V.text("model_id", model_ref, 2048)
     if not is_uri(uri):
         return queries.resolve(s, uri)["id"]

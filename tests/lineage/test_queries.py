@@ -94,3 +94,16 @@ def test_unknown_things_are_not_found(lineage, graph):
         lineage.node(987654)
     with pytest.raises(NotFound, match="nothing named 'nope'"):
         lineage.ancestors("nope")
+
+
+def test_an_id_of_the_wrong_kind_is_refused_naming_the_field_and_the_rule(lineage, graph):
+    """A run input, a run's starting point and a deployment's model given by id must exist and be of a kind
+    that can play that part; nothing is recorded otherwise."""
+    before = len(lineage.list_nodes(limit=1000)["items"])
+    with pytest.raises(NotFound, match=rf"consumed\[0\]: lineage:{graph['dep']} is a deployment: a run consumes"):
+        lineage.start_run("r", "TrainingRun", "sft", {}, "sha256:r", consumed=[graph["dep"]])
+    with pytest.raises(NotFound, match=rf"initialized_from: lineage:{graph['ds']} is a dataset: a run starts from"):
+        lineage.start_run("r", "TrainingRun", "sft", {}, "sha256:r", initialized_from=graph["ds"])
+    with pytest.raises(NotFound, match=r"model_id: lineage:999999 does not exist: a deployment serves a model"):
+        lineage.add_deployment(999999, "d", "default", {"uid": "x"}, 1)
+    assert len(lineage.list_nodes(limit=1000)["items"]) == before
