@@ -40,6 +40,7 @@ for them; each says why and when it can go.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +61,11 @@ def grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.
     """`a @ b_t[e]` for each expert's row block (ends at offs[e]); CPU runs in the weights' dtype."""
     if a.is_cuda:  # torchtitan's path: the CUDA kernel wants bf16
         return torch._grouped_mm(a.bfloat16(), b_t.bfloat16(), offs=offs)
+    a = a.to(b_t.dtype)
     per_expert_macs = a.shape[0] // b_t.shape[0] * b_t.shape[1] * b_t.shape[2]
-    if _onednn_applies(a.to(b_t.dtype), b_t) and per_expert_macs >= _ONEDNN_MIN_MACS:
-        return _OneDNNGroupedLinear.apply(a.to(b_t.dtype), b_t.transpose(-2, -1), offs)
-    out = torch._grouped_mm(a.to(b_t.dtype), b_t, offs=offs)
+    if _onednn_applies(a, b_t) and per_expert_macs >= _ONEDNN_MIN_MACS:
+        return _OneDNNGroupedLinear.apply(a, b_t.transpose(-2, -1), offs)
+    out = torch._grouped_mm(a, b_t, offs=offs)
     return _ContiguousGrad.apply(out) if out.requires_grad else out
 
 
@@ -142,13 +144,22 @@ def sum_reductions_for_gloo(model) -> None:
 # ---- 7. fp32 CPU matmuls through oneDNN ----------------------------------------------------------
 
 
+def _cpu_matmul_setting() -> bool:
+    """FLASHOPS_CPU_MATMUL: "onednn" (default) or "aten" (torch's own kernels everywhere)."""
+    value = os.environ.get("FLASHOPS_CPU_MATMUL", "onednn")
+    if value not in ("onednn", "aten"):
+        warnings.warn(f"FLASHOPS_CPU_MATMUL={value!r} is not one of 'onednn', 'aten'; using 'onednn' "
+                      "(set FLASHOPS_CPU_MATMUL=aten for torch's own CPU kernels)", stacklevel=2)
+    return value != "aten" and torch.backends.mkldnn.is_available()
+
+
+_ONEDNN_FP32 = _cpu_matmul_setting()
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not isinstance(x, DTensor) and not isinstance(weight, DTensor)
             and _ONEDNN_FP32 and not torch.compiler.is_compiling())
-
-
-_ONEDNN_FP32 = torch.backends.mkldnn.is_available() and os.environ.get("FLASHOPS_CPU_MATMUL", "onednn") != "aten"
 
 
 def _mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -134,3 +134,11 @@ def test_linears_keep_their_names_and_state_dict():
     assert type(wkv_b).__name__ == "Linear" and isinstance(wkv_b, torch.nn.Linear) and type(wkv_b)._onednn_linear
     fresh = JoyAIFlash(get_config("joyai-flash-debug"))
     fresh.load_state_dict(model.state_dict())  # same keys, same shapes
+
+
+def test_cpu_matmul_setting_names_a_bad_value_and_the_fix(monkeypatch):
+    monkeypatch.setenv("FLASHOPS_CPU_MATMUL", "mkl")
+    with pytest.warns(UserWarning, match=r"FLASHOPS_CPU_MATMUL='mkl' is not one of 'onednn', 'aten'.*=aten"):
+        assert compat._cpu_matmul_setting() is torch.backends.mkldnn.is_available()
+    monkeypatch.setenv("FLASHOPS_CPU_MATMUL", "aten")
+    assert compat._cpu_matmul_setting() is False
