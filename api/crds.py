@@ -61,7 +61,7 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         nullable = any(v.get("type") == "null" for v in variants)
         variants = [v for v in variants if v.get("type") != "null"]
         merged = _merge(variants)
-        merged.update({k: v for k, v in node.items() if k in ("description", "default")})
+        merged.update({k: v for k, v in node.items() if k in ("description", "default", "x-kubernetes-validations")})
         if nullable:
             merged["nullable"] = True
         return merged
@@ -105,6 +105,10 @@ def _merge(variants: list[dict[str, Any]]) -> dict[str, Any]:
                 else:
                     props.setdefault(k, p)
         required = set.intersection(*(set(v.get("required", [])) for v in variants))
+        common = set.intersection(*(set(v.get("properties", {})) for v in variants))
+        for k in set(props) - common:  # a default only some variants have must not land on the others (the
+            if "default" in props[k]:  # API server would fill a training stage's `suspend` into an eval stage)
+                props[k] = {key: val for key, val in props[k].items() if key != "default"}
         out: dict[str, Any] = {"type": "object", "properties": props}
         if required:
             out["required"] = sorted(required)
@@ -130,6 +134,7 @@ def openapi_schema(kind: str) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["spec"],
+        "x-kubernetes-validations": S.name_rules(kind),
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

@@ -25,17 +25,21 @@ class SpecError(ValueError):
         super().__init__("\n".join(problems))
 
 
-def load_file(path: str | Path) -> list[S._Object]:
+def load_file(path: str | Path) -> list[S.SpecObject]:
     """All flashops objects in a (multi-document) YAML file. Raises SpecError."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError([f"{p}: cannot read the file: {e.strerror}"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError([f"{p}: not a YAML text file (byte {e.start} is not UTF-8): pass the spec's .yaml file"]) from None
+    if "\x00" in text:
+        raise SpecError([f"{p}: not a YAML text file (it contains NUL bytes): pass the spec's .yaml file"])
     return load_text(text, source=p.name)
 
 
-def load_text(text: str, source: str = "<input>") -> list[S._Object]:
+def load_text(text: str, source: str = "<input>") -> list[S.SpecObject]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
@@ -47,7 +51,9 @@ def load_text(text: str, source: str = "<input>") -> list[S._Object]:
     objects, problems = [], []
     for i, doc in enumerate(docs):
         try:
-            objects.append(parse_object(doc, source=source, index=i))
+            obj = parse_object(doc, source=source, index=i)
+            check_architecture(obj, source)
+            objects.append(obj)
         except SpecError as e:
             problems.extend(e.problems)
     if problems:
@@ -55,7 +61,7 @@ def load_text(text: str, source: str = "<input>") -> list[S._Object]:
     return objects
 
 
-def parse_object(doc: Any, source: str = "<input>", index: int = 0) -> S._Object:
+def parse_object(doc: Any, source: str = "<input>", index: int = 0) -> S.SpecObject:
     """One dict (a YAML document or a Kubernetes object body) -> TrainingRun | TrainingPipeline | ModelDeployment."""
     if not isinstance(doc, dict):
         raise SpecError([f"{source}: document {index + 1}: expected a mapping with apiVersion, kind, metadata, spec"])
@@ -72,6 +78,58 @@ def parse_object(doc: Any, source: str = "<input>", index: int = 0) -> S._Object
         return S.KINDS[kind].model_validate(body)
     except ValidationError as e:
         raise SpecError([f"{where}: {line}" for line in format_errors(e, S.KINDS[kind])]) from None
+
+
+def architecture_problems(obj: S._Object, source: str = "<input>") -> list[str]:
+    """Each `model:` block checked by the one model-config validator (flashops.api.architecture.get_config):
+    unknown override names (with a hint that is itself accepted), wrong types, combinations the model refuses."""
+    from flashops.api.architecture import ConfigError, get_config
+
+    if isinstance(obj, S.TrainingRun):
+        specs = [("spec", obj.spec)]
+    elif isinstance(obj, S.TrainingPipeline):
+        specs = [(f"spec.stages[{i}].spec", s.spec) for i, s in enumerate(obj.spec.stages) if not s.is_eval]
+    else:
+        return []
+    problems = []
+    for path, spec in specs:
+        try:
+            cfg = get_config(spec.model.preset, spec.model.overrides)
+        except ConfigError as e:
+            problems.append(f"{source}: {obj.kind}/{obj.name}: {path}.model.overrides.{e.field}: {e.value!r}: {e.fix}")
+            continue
+        problems += [f"{source}: {obj.kind}/{obj.name}: {path}.{field}: {value!r}: {fix}"
+                     for field, value, fix in model_fit_problems(spec, cfg)]
+    return problems
+
+
+def model_fit_problems(spec: Any, cfg: Any) -> list[tuple[str, Any, str]]:
+    """(field, value, fix) for run settings the model config cannot serve; the trainer's preflight raises the
+    first of these, so `flashops validate` and `flashops run` refuse the same specs."""
+    from flashops.api.architecture import TOKENIZER_VOCAB_SIZE
+
+    out = []
+    vocab_key = next((k for k in spec.model.overrides if k in ("vocabSize", "vocab_size")), "vocabSize")
+    if cfg.vocab_size < TOKENIZER_VOCAB_SIZE:
+        out.append((f"model.overrides.{vocab_key}", cfg.vocab_size,
+                    f"the tokenizer has {TOKENIZER_VOCAB_SIZE} tokens; use {vocab_key} >= {TOKENIZER_VOCAB_SIZE}"))
+    if spec.training.seq_len > cfg.max_seq_len:
+        out.append(("training.seqLen", spec.training.seq_len, f"longer than the model's max_seq_len "
+                    f"{cfg.max_seq_len}; lower seqLen or set model.overrides.maxSeqLen"))
+    if spec.stage == "pretrain" and spec.pretrain.mtp_weight > 0 and cfg.num_mtp_layers == 0:
+        out.append(("pretrain.mtpWeight", spec.pretrain.mtp_weight,
+                    "the model has no MTP layer (numMtpLayers: 0); set mtpWeight: 0"))
+    if spec.parallelism.ep > 1 and cfg.num_experts % spec.parallelism.ep:
+        out.append(("parallelism.ep", spec.parallelism.ep, f"must divide the model's {cfg.num_experts} experts"))
+    return out
+
+
+def check_architecture(obj: S._Object, source: str = "<input>") -> S._Object:
+    """Raise SpecError if a model block does not make a valid model (load_text and the operator call this)."""
+    problems = architecture_problems(obj, source)
+    if problems:
+        raise SpecError(problems)
+    return obj
 
 
 def format_errors(e: ValidationError, model: type[BaseModel]) -> list[str]:

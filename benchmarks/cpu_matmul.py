@@ -1,6 +1,6 @@
 """fp32 matmul on this CPU: torch's default (MKL sgemm) against oneDNN (`mkldnn._linear_pointwise`, full fp32),
 on the shapes a JoyAI-Flash training step runs, forward (x W^T) and both backward products. This is the
-measurement behind flashops.model._torchtitan_compat item 7 (why CPU linears go through oneDNN).
+measurement behind flashops.model.cpu_kernels' matmul choice (which this script shows in full).
 
     .venv/bin/python benchmarks/cpu_matmul.py                  # 2 threads, 512 rows (batch 2 x 256)
     .venv/bin/python benchmarks/cpu_matmul.py --threads 1 --rows 64

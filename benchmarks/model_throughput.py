@@ -6,6 +6,10 @@ implementations alternate A B C A B C ... so machine drift shows up as spread, n
     .venv/bin/python benchmarks/model_throughput.py                 # debug, small and the torchtitan debug config
     .venv/bin/python benchmarks/model_throughput.py --rounds 3 --steps 5 --batch 2 --seq 256 --threads 2
     .venv/bin/python benchmarks/model_throughput.py --configs tt-debug --default-malloc
+    FLASHOPS_CPU_MATMUL=aten .venv/bin/python benchmarks/model_throughput.py --configs tt-debug   # torch's kernels
+
+flashops' CPU kernels are the ones flashops.model.cpu_kernels measured on this machine (cached per CPU model in
+$FLASHOPS_HOME/cpu_kernels.json; the header prints the choice).
 
 Every implementation runs with the same optimizer (torch's fused AdamW, what the flashops trainer uses) and the
 same allocator settings (trainers/cpu_allocator.py: glibc keeps freed memory; --default-malloc turns that off
@@ -115,8 +119,13 @@ def measure_one(impl, cfg_name, batch, seq, steps, warmup, threads, min_seconds=
         if i > warmup:
             times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"tok_s": batch * seq / statistics.median(times), "peak_mib": (peak - base_rss) / 1024,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    out = {"tok_s": batch * seq / statistics.median(times), "peak_mib": (peak - base_rss) / 1024,
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    if impl.startswith("flashops"):  # the kernels this process measured (or read from the per-CPU cache)
+        from flashops.model.cpu_kernels import kernels
+
+        out["kernels"] = kernels().describe()
+    return out
 
 
 def main():
@@ -128,6 +137,10 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", default="tt-debug,joyai-flash-debug,joyai-flash-small")
+    ap.add_argument("--impls", default="", help="only these, e.g. flashops,transformers (default: all that apply)")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="ENV",
+                    help="extra flashops rows under CPU kernel overrides, e.g. FLASHOPS_CPU_MATMUL=aten "
+                         "FLASHOPS_CPU_MATMUL=onednn,FLASHOPS_CPU_ATTENTION=mla")
     ap.add_argument("--default-malloc", action="store_true",
                     help="glibc's default allocator settings (memory handed back to the OS and refaulted every step)")
     ap.add_argument("--one", nargs=2, metavar=("IMPL", "CONFIG"), help=argparse.SUPPRESS)
@@ -143,12 +156,16 @@ def main():
     results = {}
     for cfg_name in args.configs.split(","):
         impls = ["flashops", "transformers"] + (["torchtitan"] if cfg_name == "tt-debug" else ["flashops+mtp"])
+        impls = [i for i in impls if not args.impls or i in args.impls.split(",")]
+        impls += [f"flashops[{v}]" for v in args.variants]
         for r in range(args.rounds):
             for impl in impls:  # A B C A B C: drift shows as spread
                 cmd = [sys.executable, __file__, "--one", impl, cfg_name, "--batch", str(args.batch), "--seq",
                        str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads",
                        str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                variant = impl[len("flashops["):-1] if impl.startswith("flashops[") else ""
+                run_env = {**env, **dict(kv.split("=", 1) for kv in variant.split(",") if kv)}
+                out = subprocess.run(cmd, capture_output=True, text=True, env=run_env)
                 if out.returncode:
                     print(f"{impl} {cfg_name} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                     continue
@@ -156,7 +173,11 @@ def main():
                 results.setdefault((cfg_name, impl), []).append(res)
                 print(f"  round {r + 1} {cfg_name:18s} {impl:13s} {res['tok_s']:8.0f} tok/s  {res['peak_mib']:7.0f} MiB",
                       file=sys.stderr)
-    print(f"\nfwd+bwd+AdamW (fused) on CPU, fp32, batch {args.batch} x {args.seq}, {args.threads} threads, "
+    from flashops.model.cpu_kernels import cpu_model
+
+    kernel_lines = sorted({r["kernels"] for rs in results.values() for r in rs if "kernels" in r})
+    print(f"\nCPU: {cpu_model()}, {os.cpu_count()} CPUs visible; flashops' " + ("; ".join(kernel_lines) or "-"))
+    print(f"fwd+bwd+AdamW (fused) on CPU, fp32, batch {args.batch} x {args.seq}, {args.threads} threads, "
           f"{args.rounds} alternating rounds (median of >= {args.steps} steps and >= 3 s each), "
           f"{'default glibc malloc' if args.default_malloc else 'malloc keeping freed memory (same for all)'}\n")
     print("vs transformers: 'paired' = median over rounds of (this / transformers in the same round, run back to")

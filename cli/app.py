@@ -36,7 +36,10 @@ def _register_optional_groups() -> None:
         "flashops.cli.serve_commands",
         "flashops.cli.lineage_commands",
         "flashops.cli.checkpoint_commands",
+        "flashops.cli.data_commands",
         "flashops.cli.operator_commands",
+        "flashops.cli.plan_commands",
+        "flashops.cli.eval_commands",
     ):
         try:
             mod = importlib.import_module(module)

@@ -5,10 +5,11 @@
     flashops checkpoints show s3://ckpts/team-a/runs/sft-1/step-200
     flashops checkpoints verify s3://ckpts/team-a/runs/sft-1/step-200   # re-hash every object
     flashops checkpoints gc s3://ckpts/team-a/runs/sft-1 --keep 3 --pin 100 --dry-run
+    flashops checkpoints export s3://ckpts/team-a/runs/sft-1/step-200 --name chat --version v1 [--int4]
 
 S3 endpoint and credentials come from FLASHOPS_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (see
 flashops.storage.settings). Exit codes: 0 ok, 1 store error (corrupt, unreachable, ...), 2 bad usage.
-No torch is imported.
+No torch is imported (export imports it, in the command).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 _RUN_URI = re.compile(r"^(?P<root>.+?)/runs/(?P<run>[^/]+)/?$")
 
-checkpoints = typer.Typer(name="checkpoints", help="List, show, verify and garbage-collect stored checkpoints.\n\n"
+checkpoints = typer.Typer(name="checkpoints", help="List, show, verify, garbage-collect and export stored checkpoints.\n\n"
                           "Example:\n\n    flashops checkpoints list file://$HOME/.flashops/store",
                           no_args_is_help=True)
 
@@ -46,10 +47,10 @@ def _store_and_run(uri: str):
 def _target(uri: str):
     """(store, URI, is_model) for what show/verify name: an exported model, a checkpoint, or a run (its latest)."""
     from flashops.storage import StoreConfigError, split_checkpoint_uri
-    from flashops.storage.store import _MODEL_URI
+    from flashops.storage.store import MODEL_URI
 
-    if _MODEL_URI.match(uri) and "/runs/" not in uri:
-        return _store_and_run(_MODEL_URI.match(uri)["root"])[0], uri, True
+    if MODEL_URI.match(uri) and "/runs/" not in uri:
+        return _store_and_run(MODEL_URI.match(uri)["root"])[0], uri, True
     try:
         return _store_and_run(split_checkpoint_uri(uri)[0])[0], uri, False
     except StoreConfigError:
@@ -169,6 +170,57 @@ def gc(uri: str = typer.Argument(..., help="<store>/runs/<run>"),
     for u in report.removed_partial:
         out.print(f"{verb} partial {u}", markup=False)
     out.print(f"kept {len(report.kept)}: " + ", ".join(f"step-{r.step}" for r in report.kept), markup=False)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536870912, '1000' -> 1000 bytes."""
+    m = _SIZE.match(text or "")
+    if not m or float(m[1]) <= 0:
+        raise typer.BadParameter(f"{text!r} is not a size: use e.g. 5GB, 512MiB or a number of bytes")
+    return int(float(m[1]) * _UNITS[(m[2] or "b").lower()])
+
+
+@checkpoints.command("export")
+def export(uri: str = typer.Argument(..., help="<store>/runs/<run>/step-<n>"),
+           name: str = typer.Option(..., "--name", help="exported model name: <store>/models/NAME/VERSION"),
+           version: Optional[str] = typer.Option(None, "--version", help="default: step-<n> of the checkpoint"),
+           int4: bool = typer.Option(False, "--int4", help="also write int4/ with INT4 routed experts (always "
+                                     "written when the run trained with QAT, with its group size)"),
+           max_file_size: str = typer.Option("5GB", "--max-file-size", help="largest safetensors file (HF "
+                                             "convention 5GB); e.g. 2GB, 512MiB")) -> None:
+    """Export a checkpoint (an older one too) as a serving model in the same store; prints its URI.
+
+    The export is a Hugging Face DeepSeek-V3 folder (sharded safetensors + index, config.json, MTP layer,
+    tokenizer; int4/ in compressed-tensors pack-quantized INT4) that transformers, vLLM, SGLang and
+    `flashops serve` load. It is streamed one tensor at a time: memory stays at the largest tensor, not the
+    model.
+
+    Example:
+
+        flashops checkpoints export file://$HOME/.flashops/store/runs/sft-1/step-200 --name chat --version v1
+    """
+    from flashops.storage import StoreError, split_checkpoint_uri
+
+    limit = parse_size(max_file_size)
+    try:
+        root, _, step = split_checkpoint_uri(uri)
+        store = _store_and_run(root)[0]
+        store.meta(uri)  # a complete checkpoint, before anything is read
+    except StoreError as e:
+        raise _fail(e)
+    from flashops.trainers.runner import export_model
+
+    err.print(f"exporting {uri} to {store.model_uri(name, version or f'step-{step}')} (streamed, files <= "
+              f"{_human(limit)}{', with int4/' if int4 else ''})", markup=False)
+    try:
+        out.print(export_model(store, None, uri, name, version, int4=int4, max_file_bytes=limit), markup=False)
+    except StoreError as e:
+        raise _fail(e)
 
 
 def register(app: typer.Typer) -> None:

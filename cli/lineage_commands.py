@@ -76,9 +76,14 @@ def show(ref: str = typer.Argument(..., help="lineage:<id>, a URI, or a run/depl
     node = got["node"]
     typer.echo(describe(node))
     for key, value in node.items():
-        if key in ("id", "ref", "type", "label") or value in (None, {}, ""):
+        if key in ("id", "ref", "type", "label") or value in (None, {}, "") or (key == "result" and node["type"] == "evaluation"):
             continue
         typer.echo(f"  {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    if node["type"] == "evaluation":
+        from flashops.api.lineage.render import evaluation_lines
+
+        for line in evaluation_lines(node.get("result") or {}):
+            typer.echo(f"  {line}")
     for title, arrow, items in (("upstream", "<-", got["upstream"]), ("downstream", "->", got["downstream"])):
         if items:
             typer.echo(f"{title}:")
@@ -173,5 +178,37 @@ def serve(db: Optional[str] = typer.Option(None, "--db", envvar="FLASHOPS_LINEAG
         raise _fail(e) from None
 
 
+def ui(db: Optional[str] = typer.Option(None, "--db", envvar="FLASHOPS_LINEAGE_DB",
+                                        help="sqlite:///PATH or postgresql+psycopg://...; default SQLite in $FLASHOPS_HOME"),
+       port: int = typer.Option(8765, "--port", help="port on 127.0.0.1 (0: any free port)"),
+       open_browser: bool = typer.Option(True, "--open/--no-open", help="open the browser (else print the link)")) -> None:
+    """Open the dashboard (pipelines, runs and their curves, the lineage graph, evaluations, deployments) over
+    the local lineage, on 127.0.0.1 only, logged in with a read-only token made for this process.
+
+    Example:
+
+        flashops ui
+
+    On a cluster the lineage API serves the same pages at /ui (flashops lineage serve, or the Helm chart).
+    """
+    from flashops.api.lineage import LineageError
+    from flashops.api.lineage.serve import open_dashboard
+
+    if db is not None and not db.startswith(("sqlite", "postgresql")):
+        typer.echo(f"--db {db!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    if not 0 <= port <= 65535:
+        typer.echo(f"--port {port}: use 1..65535 (or 0 for any free port)", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    try:
+        open_dashboard(db, port, open_browser, say=lambda m: typer.echo(m, err=True))
+    except LineageError as e:
+        raise _fail(e) from None
+    except (OSError, RuntimeError) as e:  # the port is taken
+        typer.echo(f"flashops ui: cannot serve on 127.0.0.1:{port}: {e}; pick another --port", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(lineage_app, name="lineage")
+    app.command("ui")(ui)

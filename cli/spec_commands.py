@@ -15,11 +15,16 @@ err = Console(stderr=True)
 def validate(
     files: List[Path] = typer.Option([], "--file", "-f", help="YAML file(s); multi-document files are fine"),
     more: List[Path] = typer.Argument(None, help="more files (so `-f examples/*.yaml` works)", show_default=False),
+    offline: bool = typer.Option(False, "--offline", help="skip checks that read data or stores (file://, s3://)"),
 ) -> None:
-    """Check job specs without a cluster: one line per object; exit 2 if any object is bad.
+    """Check job specs without a cluster or any compute: one line per object; exit 2 if any object is bad. The
+    same checks as the operator's admission and the trainer's (model overrides, seqLen against the model's
+    context), plus the data: builtin corpus names, and (unless --offline) that file:// and s3:// data exist
+    and have the stage's keys.
 
     Example:
         flashops validate -f examples/*.yaml
+        flashops validate --offline -f my-run.yaml        # no data or store access
     """
     from flashops.api.spec import SpecError, load_file
 
@@ -36,7 +41,8 @@ def validate(
             for line in e.problems:
                 err.print(line, markup=False, highlight=False, soft_wrap=True)
             continue
-        problems = [p for o in objs for p in model_config_problems(o, f.name)]
+        problems = [p for o in objs for p in data_problems(o, f.name, offline)]
+        problems = problems or [p for o in objs for p in memory_problems(o, f.name)]  # overrides: load_file
         if problems:
             failed = True
             for line in problems:
@@ -50,24 +56,50 @@ def validate(
         raise typer.Exit(EXIT_USAGE)
 
 
-def model_config_problems(obj, source: str) -> list[str]:
-    """Checks that need the model's config (torch-free): preset overrides that don't fit the architecture."""
-    from flashops.model.config import ConfigError, get_config
+def _training_specs(obj) -> list[tuple[str, object]]:
+    if obj.kind == "TrainingRun":
+        return [("spec", obj.spec)]
+    if obj.kind == "TrainingPipeline":
+        return [(f"spec.stages[{i}].spec", s.spec) for i, s in enumerate(obj.spec.stages) if not s.is_eval]
+    return []
+
+
+def data_problems(obj, source: str, offline: bool) -> list[str]:
+    """The data each training spec names, opened as `flashops run` opens it (the same checks: the builtin
+    corpus exists and fits the stage; a file:// or s3:// dataset exists and has the stage's keys). Offline:
+    builtin corpora only, no file or network access."""
+    from flashops.trainers.corpora import DEFAULT_DATA, open_dataset
+    from flashops.trainers.errors import TrainerError
+
+    problems = []
+    for path, spec in _training_specs(obj):
+        uri = spec.data.uri if spec.data else DEFAULT_DATA[spec.stage]
+        if offline and not uri.startswith("builtin:"):
+            continue
+        try:
+            open_dataset(uri, spec.stage, spec.training.seed, spec.data.format if spec.data else "auto",
+                         spec.stage_params)
+        except TrainerError as e:
+            problems.append(f"{source}: {obj.kind}/{obj.name}: {path}.{e}")
+    return problems
+
+
+def memory_problems(obj, source: str) -> list[str]:
+    """Runs whose spec names a GPU memory (resources.gpuMemory) and do not fit it per rank: the torch-free
+    arithmetic of `flashops plan` (flashops.api.plan.fit_problem), with the fix."""
+    from flashops.api.plan import fit_problem
 
     if obj.kind == "TrainingRun":
         specs = [("spec", obj.spec)]
     elif obj.kind == "TrainingPipeline":
-        specs = [(f"spec.stages[{i}].spec", s.spec) for i, s in enumerate(obj.spec.stages)]
+        specs = [(f"spec.stages[{i}].spec", s.spec) for i, s in enumerate(obj.spec.stages) if not s.is_eval]
     else:
         return []
     problems = []
     for path, spec in specs:
-        try:
-            get_config(spec.model.preset, spec.model.overrides)
-        except ConfigError as e:
-            problems.append(f"{source}: {obj.kind}/{obj.name}: {path}.model.overrides.{e.field}: {e.value!r}: {e.fix}")
-        except ValueError as e:
-            problems.append(f"{source}: {obj.kind}/{obj.name}: {path}.model: {e}")
+        problem = fit_problem(obj.name, spec)
+        if problem:
+            problems.append(f"{source}: {obj.kind}/{obj.name}: {path}.{problem}")
     return problems
 
 

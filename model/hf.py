@@ -65,8 +65,40 @@ def hf_config_dict(cfg: JoyAIConfig) -> dict:
     }
 
 
+def hf_adapter(cfg: JoyAIConfig):
+    """torchtitan's DeepSeekV3StateDictAdapter for a config, built on the meta device (no memory)."""
+    from flashops.model.model import JoyAIFlash
+
+    with torch.device("meta"):
+        return _adapter(JoyAIFlash(cfg))
+
+
+def mtp_copies(cfg: JoyAIConfig, name: str) -> list[str]:
+    """HF names that also carry flashops tensor `name`: the MTP layer (index n_layers) gets its own copies of
+    the embedding and the output head, as DeepSeek-V3 checkpoints ship them and vLLM's DeepSeekMTP loads them
+    (`model.layers.{N}.embed_tokens.weight`, `model.layers.{N}.shared_head.head.weight`)."""
+    if not cfg.num_mtp_layers:
+        return []
+    n = cfg.n_layers
+    return {"tok_embeddings.weight": [f"model.layers.{n}.embed_tokens.weight"],
+            "lm_head.weight": [f"model.layers.{n}.shared_head.head.weight"]}.get(name, [])
+
+
+def to_hf_tensors(adapter, cfg: JoyAIConfig, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One flashops tensor as its HF DeepSeek-V3 tensors (a grouped expert weight: one per expert)."""
+    out = adapter.to_hf({name: value})
+    for extra in mtp_copies(cfg, name):
+        out[extra] = value.clone()  # its own storage: safetensors refuses shared tensors
+    return out
+
+
 def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
-    return {k: v.contiguous() for k, v in _adapter(model).to_hf(model.state_dict()).items()}
+    """The whole model in HF names, in memory (the reference the streaming export is tested against)."""
+    adapter = _adapter(model)
+    out = {}
+    for name, value in model.state_dict().items():
+        out.update(to_hf_tensors(adapter, model.arch, name, value))
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def from_hf_state_dict(model, hf_state: dict[str, torch.Tensor], strict: bool = True) -> None:

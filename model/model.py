@@ -6,6 +6,8 @@
     cache = model.new_cache(batch=1, max_len=256)
     out = model(prompt, cache=cache, start_pos=0)  # then model(next_tok, cache=cache, start_pos=len(prompt))
     draft = model.draft(out.hidden, next_tok, k=3, cache=cache, start_pos=len(prompt) - 1)
+    # continuous batching (what serving does): each row in its own cache slot at its own position
+    h = model.forward_cached(tokens, cache, starts=[17, 4], slots=[3, 0]); logits = model.logits(h)
 
 What comes from torchtitan (torchtitan.models.deepseek_v3 / common): the model and block classes, MLA
 attention's projections and RoPE, the MoE (sigmoid router with a selection-only bias, grouped experts,
@@ -39,8 +41,10 @@ from torchtitan.models.deepseek_v3 import build_mla_moe_layers
 from torchtitan.models.deepseek_v3.model import Attention, DeepSeekV3Model, DeepSeekV3TransformerBlock
 from torchtitan.models.deepseek_v3.mtp import MTPTransformerBlock
 
-from flashops.model import _torchtitan_compat as compat
+from flashops.model import cpu_kernels
+from flashops.model import torchtitan_compat as compat
 from flashops.model.config import JoyAIConfig
+from flashops.model.sampling import sample_tokens
 
 
 class ModelOutput(NamedTuple):
@@ -63,11 +67,43 @@ class LayerCache:
     k_pe: torch.Tensor  # (B, max_len, qk_rope_head_dim), after RoPE
 
 
+@dataclass(frozen=True)
+class CacheSlots:
+    """Where a cached forward's rows go: input row b is written to cache row rows[b] at positions
+    positions[b] (starts[b], starts[b]+1, ...) and attends to that row's positions 0..positions[b, t].
+    When every row starts at the same position in cache rows 0..B-1 (`start` is set), the cache is read
+    and written by slicing and the mask is the plain causal one."""
+
+    rows: torch.Tensor  # (B,) long
+    positions: torch.Tensor  # (B, L) long: RoPE positions and cache positions
+    start: int | None  # the shared start position when rows == 0..B-1, else None
+    kv_len: int  # keys each query may see at most: max position + 1
+
+    @property
+    def rope_positions(self) -> torch.Tensor | None:
+        return None if self.start == 0 else self.positions  # None = 0..L-1 (RoPE's own default)
+
+    def attention_mask(self, q_len: int) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for SDPA; mask True = attend. Stale cache entries past a row's position stay hidden."""
+        device = self.positions.device
+        if self.start is not None:
+            if self.start == 0:
+                return None, True
+            q_pos = torch.arange(self.start, self.start + q_len, device=device)
+            return torch.arange(self.kv_len, device=device).unsqueeze(0) <= q_pos.unsqueeze(1), False
+        keys = torch.arange(self.kv_len, device=device).view(1, 1, self.kv_len)
+        return (keys <= self.positions.unsqueeze(2)).unsqueeze(1), False
+
+
 @dataclass
 class KVCache:
     layers: list[LayerCache]
     mtp: LayerCache | None
     max_len: int
+
+    @property
+    def batch(self) -> int:
+        return self.layers[0].c_kv.shape[0]
 
     def check(self, start_pos: int, length: int, batch: int) -> None:
         if start_pos < 0 or start_pos + length > self.max_len:
@@ -75,8 +111,44 @@ class KVCache:
                 f"cache positions {start_pos}..{start_pos + length - 1} do not fit max_len={self.max_len}; "
                 f"create the cache with model.new_cache(batch, max_len >= {start_pos + length})"
             )
-        if batch > self.layers[0].c_kv.shape[0]:
-            raise ValueError(f"batch {batch} exceeds the cache's batch {self.layers[0].c_kv.shape[0]}")
+        if batch > self.batch:
+            raise ValueError(f"batch {batch} exceeds the cache's batch {self.batch}")
+
+    def place(self, starts: int | list[int], length: int, batch: int, slots: list[int] | None = None,
+              device=None) -> CacheSlots:
+        """CacheSlots for `batch` rows of `length` tokens: a shared start (int) in rows 0..batch-1, or one
+        start per row (list) in cache rows `slots` (default 0..batch-1)."""
+        if isinstance(starts, int):
+            starts = [starts] * batch
+        slots = list(range(batch)) if slots is None else list(slots)
+        if len(starts) != batch or len(slots) != batch:
+            raise ValueError(f"{len(starts)} starts and {len(slots)} slots for {batch} rows: pass one of each per row")
+        for s in starts:
+            self.check(s, length, 1)
+        bad = [r for r in slots if not 0 <= r < self.batch]
+        if bad or len(set(slots)) != batch:
+            raise ValueError(f"cache slots {slots}: each row needs its own slot in 0..{self.batch - 1} "
+                             f"(create the cache with model.new_cache(batch >= {max(slots) + 1}, ...))")
+        self.check(0, 0, batch)
+        shared = starts[0] if all(s == starts[0] for s in starts) and slots == list(range(batch)) else None
+        positions = torch.tensor(starts, device=device).unsqueeze(1) + torch.arange(length, device=device)
+        return CacheSlots(torch.tensor(slots, device=device), positions, shared, max(starts) + length)
+
+    @staticmethod
+    def store(layer: LayerCache, at: CacheSlots, c_kv: torch.Tensor, k_pe: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write c_kv (B, L, r) and k_pe (B, L, rope) at `at`; return each row's keys 0..kv_len-1 in `dtype`
+        (c_kv (B, S, r), k_pe (B, S, 1, rope))."""
+        bsz, end = c_kv.shape[0], at.kv_len
+        if at.start is not None:
+            layer.c_kv[:bsz, at.start:end] = c_kv.to(layer.c_kv.dtype)
+            layer.k_pe[:bsz, at.start:end] = k_pe.to(layer.k_pe.dtype)
+            c_kv, k_pe = layer.c_kv[:bsz, :end], layer.k_pe[:bsz, :end]
+        else:
+            layer.c_kv[at.rows.unsqueeze(1), at.positions] = c_kv.to(layer.c_kv.dtype)
+            layer.k_pe[at.rows.unsqueeze(1), at.positions] = k_pe.to(layer.k_pe.dtype)
+            c_kv, k_pe = layer.c_kv[at.rows, :end], layer.k_pe[at.rows, :end]
+        return c_kv.to(dtype), k_pe.unsqueeze(2).to(dtype)
 
 
 # ---- attention -----------------------------------------------------------------------------------
@@ -93,30 +165,32 @@ class MLAttention(Attention):
         super().__init__(config)
         self.backend = config.backend
 
-    def forward(self, x, attention_masks=None, positions=None, cache: LayerCache | None = None, start_pos: int = 0):
+    def forward(self, x, attention_masks=None, positions=None, cache: LayerCache | None = None,
+                at: CacheSlots | None = None):
+        """Training: positions (B, L) for packed documents (restart at 0 per document), else causal.
+        Inference: `cache` with `at` (where each row's tokens go; see CacheSlots)."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(bsz, seqlen, -1, self.qk_head_dim)
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = torch.split(self.wkv_a(x), [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        rope_positions = positions
-        if rope_positions is None and start_pos:
-            rope_positions = torch.arange(start_pos, start_pos + seqlen, device=x.device).unsqueeze(0)
-        q_pe, k_pe = self.rope(q_pe, k_pe.unsqueeze(2), rope_positions)
+        q_pe, k_pe = self.rope(q_pe, k_pe.unsqueeze(2), at.rope_positions if cache is not None else positions)
         c_kv = self.kv_norm(c_kv)
         if cache is not None:
-            end = start_pos + seqlen
-            cache.c_kv[:bsz, start_pos:end] = c_kv.to(cache.c_kv.dtype)
-            cache.k_pe[:bsz, start_pos:end] = k_pe.squeeze(2).to(cache.k_pe.dtype)
-            c_kv, k_pe = cache.c_kv[:bsz, :end].to(x.dtype), cache.k_pe[:bsz, :end].unsqueeze(2).to(x.dtype)
+            c_kv, k_pe = KVCache.store(cache, at, c_kv, k_pe.squeeze(2), x.dtype)
+            mask, is_causal = at.attention_mask(seqlen)
+        else:
+            mask, is_causal = _training_mask(positions, seqlen, x.device)
         kv_len = c_kv.shape[1]
+        if cache is not None and self.absorb_pays(seqlen):
+            out = self.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask, is_causal)
+            return self.wo(out.reshape(bsz, seqlen, -1))
         kv = self.wkv_b(c_kv).view(bsz, kv_len, -1, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        if self.backend == "sdpa" and compat.mla_attention_applies(q_nope, kv_len):  # CPU training
-            mask, is_causal = _sdpa_mask(seqlen, kv_len, start_pos, positions, x.device)
-            out = compat.mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask=mask, is_causal=is_causal,
-                                       scale=self.softmax_scale)
-            return self.wo(out.view(bsz, seqlen, -1))
+        if self.backend == "sdpa" and cpu_kernels.mla_attention_applies(q_nope, kv_len):  # CPU training
+            out = cpu_kernels.mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask=mask, is_causal=is_causal,
+                                            scale=self.softmax_scale)
+            return self.wo(out.reshape(bsz, seqlen, -1))
         k = torch.cat([k_nope, k_pe.expand(-1, -1, k_nope.size(2), -1)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
 
@@ -126,23 +200,51 @@ class MLAttention(Attention):
             else:
                 out = compat.flex_attention_eager(q, k, v, attention_masks, self.softmax_scale)
         else:
-            mask, is_causal = _sdpa_mask(seqlen, kv_len, start_pos, positions, x.device)
             out = compat.sdpa(q, k, v, mask=mask, is_causal=is_causal, scale=self.softmax_scale)
         return self.wo(out.contiguous().view(bsz, seqlen, -1))
 
+    def absorb_pays(self, q_len: int) -> bool:
+        """Attend in the latent space for q_len new tokens (decode steps, MTP drafts and verifies)? Expanding the
+        cache costs S*r*H*(nope+v) multiply-adds per call plus q_len*S*H*(nope+rope+v); absorbing costs
+        q_len*S*H*(2r+rope) (and two small per-token products): absorb while q_len*(2r-nope-v) < r*(nope+v)
+        (q_len < 128 on joyai-flash-small, < 170 on the 48B-A3B model)."""
+        w = self.wkv_b.weight
+        r, nope, v = self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim
+        return (type(w) in (torch.Tensor, torch.nn.Parameter) and self.wkv_b.bias is None
+                and q_len * (2 * r - nope - v) < r * (nope + v))
 
-def _sdpa_mask(q_len: int, kv_len: int, start_pos: int, positions, device):
-    """(mask, is_causal) for SDPA: plain causal when possible, else an explicit boolean mask."""
-    if positions is not None and positions.shape[0] > 0 and q_len == kv_len:
+    def absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, mask, is_causal):
+        """Attention straight from the latent cache, as DeepSeek-V2 decodes MLA: wkv_b's key half folds into
+        the query and its value half into the output, so the S cached latents are never expanded per head.
+        The same products as the expanded path, reassociated. q_*: (B, L, H, .), c_kv (B, S, r), k_pe
+        (B, S, 1, rope); mask True = attend, (L, S) or (B, 1, L, S), or is_causal (L == S). Returns (B, L, H, v)."""
+        bsz, q_len, heads, nope = q_nope.shape
+        kv_len, rank = c_kv.shape[1], c_kv.shape[-1]
+        w = self.wkv_b.weight.view(heads, nope + self.v_head_dim, rank)
+        q_latent = torch.einsum("blhn,hnr->blhr", q_nope, w[:, :nope])
+        q = torch.cat([q_latent, q_pe], dim=-1).reshape(bsz, q_len * heads, -1)  # heads fold into queries
+        k = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1)  # one latent key per position, shared by all heads
+        softmax_dtype = torch.promote_types(c_kv.dtype, torch.float32)  # bf16 caches: the softmax in fp32
+        scores = torch.bmm(q, k.transpose(1, 2)).view(bsz, q_len, heads, kv_len).to(softmax_dtype)
+        scores = scores * self.softmax_scale
+        if is_causal:
+            mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=c_kv.device).tril()
+        if mask is not None:
+            scores.masked_fill_(~mask.reshape(-1, q_len, 1, kv_len), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(c_kv.dtype).view(bsz, q_len * heads, kv_len)
+        out_latent = torch.bmm(probs, c_kv).view(bsz, q_len, heads, rank)
+        return torch.einsum("blhr,hvr->blhv", out_latent, w[:, nope:])
+
+
+def _training_mask(positions, q_len: int, device):
+    """(mask, is_causal) for SDPA without a cache: plain causal, or causal within each packed document."""
+    if positions is not None and positions.shape[0] > 0:
         # packed documents: positions restart at 0 for each document; attend only within a document
         doc = torch.cumsum((positions == 0).to(torch.int32), dim=1)
         same_doc = doc.unsqueeze(2) == doc.unsqueeze(1)
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
         return (same_doc & causal).unsqueeze(1), False
-    if q_len == kv_len:
-        return None, True
-    q_pos = torch.arange(start_pos, start_pos + q_len, device=device)
-    return torch.arange(kv_len, device=device).unsqueeze(0) <= q_pos.unsqueeze(1), False
+    return None, True
 
 
 # ---- MoE pieces ----------------------------------------------------------------------------------
@@ -158,7 +260,8 @@ class JoyAIRouter(TokenChoiceTopKRouter):
 
     def forward(self, x_BLD, expert_bias_E=None):
         weight = self.gate.weight
-        scores_BLE = torch.sigmoid(F.linear(x_BLD.float(), weight.float()))
+        with torch.autocast(x_BLD.device.type, enabled=False):  # fp32 scores under bf16 autocast too
+            scores_BLE = torch.sigmoid(F.linear(x_BLD.float(), weight.float()))
         choice_BLE = scores_BLE if expert_bias_E is None else scores_BLE + expert_bias_E.float()
         _, topk_ids_BLK = torch.topk(choice_BLE, k=self.top_k, dim=-1, sorted=False)
         topk_scores_BLK = scores_BLE.gather(-1, topk_ids_BLK)
@@ -213,8 +316,9 @@ class JoyAIBlock(DeepSeekV3TransformerBlock):
     class Config(DeepSeekV3TransformerBlock.Config):
         pass
 
-    def forward(self, x, attention_masks=None, positions=None, cache: LayerCache | None = None, start_pos: int = 0):
-        x = x + self.attention(self.attention_norm(x), attention_masks, positions, cache, start_pos)
+    def forward(self, x, attention_masks=None, positions=None, cache: LayerCache | None = None,
+                at: CacheSlots | None = None):
+        x = x + self.attention(self.attention_norm(x), attention_masks, positions, cache, at)
         ffn = self.moe if self.moe_enabled else self.feed_forward
         return x + ffn(self.ffn_norm(x))
 
@@ -228,9 +332,9 @@ class DenseMTPBlock(MTPTransformerBlock):
     class Config(MTPTransformerBlock.Config):
         pass
 
-    def forward(self, next_embed, prev_hidden, attention_masks=None, positions=None, cache=None, start_pos=0):
+    def forward(self, next_embed, prev_hidden, attention_masks=None, positions=None, cache=None, at=None):
         h = self.eh_proj(torch.cat([self.enorm(next_embed), self.hnorm(prev_hidden)], dim=-1))
-        h = h + self.attention(self.attention_norm(h), attention_masks, positions, cache, start_pos)
+        h = h + self.attention(self.attention_norm(h), attention_masks, positions, cache, at)
         h = h + self.feed_forward(self.ffn_norm(h))
         return h, self.mtp_norm(h)
 
@@ -347,7 +451,7 @@ class JoyAIFlash(DeepSeekV3Model):
         super().__init__(config)
         self.arch: JoyAIConfig = config.arch
         self.bias_update_rate = self.arch.bias_update_rate
-        compat.use_onednn_linears(self)
+        cpu_kernels.use_onednn_linears(self)
         if not any(p.is_meta for p in self.parameters()):
             self.init_states()
 
@@ -360,12 +464,12 @@ class JoyAIFlash(DeepSeekV3Model):
     def mtp(self) -> DenseMTPBlock | None:
         return self.mtp_layers[0] if self.mtp_layers is not None else None
 
-    def _head(self, h):
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from main-model hidden states (ModelOutput.hidden / forward_cached's output)."""
         return self.lm_head(self.norm(h))
 
-    def _mtp_head(self, h):
-        """Logits from a pre-norm MTP hidden state (single process; the forward/draft paths use the block's
-        own normed output)."""
+    def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits from pre-norm MTP hidden states (mtp_forward_cached's output)."""
         return self.lm_head(self.mtp.mtp_norm(h))
 
     def _masks(self, positions, batch, seqlen, device):
@@ -380,21 +484,46 @@ class JoyAIFlash(DeepSeekV3Model):
     # -- forward
     def forward(self, tokens, positions=None, cache: KVCache | None = None, start_pos: int = 0, mtp: bool = True):
         """tokens (B, L). positions (B, L) only for packed documents (restart at 0 per document).
-        With a cache: writes positions start_pos..start_pos+L-1 and attends to everything before; no MTP."""
+        With a cache: writes positions start_pos..start_pos+L-1 of cache rows 0..B-1 and attends to
+        everything before; no MTP (forward_cached places each row on its own)."""
         bsz, seqlen = tokens.shape
         if cache is not None:
-            cache.check(start_pos, seqlen, bsz)
             if positions is not None:
                 raise ValueError("positions (packed documents) is a training input; drop it when using a cache")
-        masks = self._masks(positions, bsz, seqlen, tokens.device) if cache is None else None
+            h = self.forward_cached(tokens, cache, start_pos)
+            return ModelOutput(self.logits(h), None, h)
+        masks = self._masks(positions, bsz, seqlen, tokens.device)
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers.values()):
-            h = layer(h, masks, positions, cache.layers[i] if cache is not None else None, start_pos)
-        logits = self._head(h)
+        for layer in self.layers.values():
+            h = layer(h, masks, positions)
+        logits = self.logits(h)
         mtp_logits = None
-        if mtp and cache is None and self.mtp is not None:
+        if mtp and self.mtp is not None:
             mtp_logits = self._mtp_train_logits(tokens, h, positions)
         return ModelOutput(logits, mtp_logits, h)
+
+    def forward_cached(self, tokens: torch.Tensor, cache: KVCache, starts: int | list[int],
+                       slots: list[int] | None = None) -> torch.Tensor:
+        """The main model on tokens (B, L) with a KV cache; returns hidden states (B, L, D) (logits:
+        `self.logits(h)`, ideally of only the positions you use). Row b is written to cache row slots[b]
+        (default b) at positions starts[b]..starts[b]+L-1 and attends to that row's cache up to each of
+        its positions, so the rows of a continuous batch can each sit at their own position."""
+        at = cache.place(starts, tokens.shape[1], tokens.shape[0], slots, tokens.device)
+        h = self.tok_embeddings(tokens)
+        for layer, layer_cache in zip(self.layers.values(), cache.layers):
+            h = layer(h, None, None, layer_cache, at)
+        return h
+
+    def mtp_forward_cached(self, hidden: torch.Tensor, tokens: torch.Tensor, cache: KVCache,
+                           starts: int | list[int], slots: list[int] | None = None) -> torch.Tensor:
+        """The MTP layer on pairs (hidden[b, t], tokens[b, t]) (main hidden state at position p, the token
+        at p+1) at positions starts[b]+t of its own cache rows slots[b]; returns its pre-norm hidden states
+        (B, L, D), the input of the next recursive step (logits: `self.mtp_logits(h)`)."""
+        if self.mtp is None:
+            raise ValueError("this model has no MTP layer (num_mtp_layers=0); drafting needs one")
+        at = cache.place(starts, tokens.shape[1], tokens.shape[0], slots, tokens.device)
+        h, _ = self.mtp(self.tok_embeddings(tokens), hidden, None, None, cache.mtp, at)
+        return h
 
     def _mtp_train_logits(self, tokens, h, positions):
         bsz, seqlen = tokens.shape
@@ -445,21 +574,16 @@ class JoyAIFlash(DeepSeekV3Model):
                 raise ValueError("without a cache, pass the whole prefix with start_pos=0")
             cache = self.new_cache(bsz, length + k, dtype=hidden.dtype, device=hidden.device)
         cache.check(start_pos, length + k - 1, bsz)
-        h, h_normed = self.mtp(self.tok_embeddings(tokens), hidden, None, None, cache.mtp, start_pos)
-        h, h_normed = h[:, -1:], h_normed[:, -1:]
+        h = self.mtp_forward_cached(hidden, tokens, cache, start_pos)[:, -1:]
         drafts, all_logits = [], []
         pos = start_pos + length
         for step in range(k):
-            logits = self.lm_head(h_normed)[:, -1].float()
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            else:
-                nxt = logits.argmax(-1, keepdim=True)
+            logits = self.mtp_logits(h)[:, -1].float()
+            nxt = sample_tokens(logits, temperature, generator=generator).unsqueeze(1)
             drafts.append(nxt)
             all_logits.append(logits)
             if step + 1 < k:
-                h, h_normed = self.mtp(self.tok_embeddings(nxt), h, None, None, cache.mtp, pos)
+                h = self.mtp_forward_cached(h, nxt, cache, pos)
                 pos += 1
         return DraftOutput(torch.cat(drafts, 1), torch.stack(all_logits, 1), h)
 

@@ -4,6 +4,8 @@
     tok = load_tokenizer()                                   # model/assets/tokenizer.json (committed)
     prompt = chat_template([{"role": "user", "content": "What is 2 + 3?"}], thinking=False)
     ids = tok.encode(prompt).ids                             # then generate until EOS (id 1)
+    codec = TokenizerCodec()                                 # the codec training and serving both use
+    ids, mask = codec.chat(messages, thinking=True)          # ids + loss mask on the assistant's output
 
 The tokenizer is a byte-level BPE (every string encodes; digits are split one per token so numbers
 stay learnable by a tiny model) with a vocabulary of at most 4096, trained on flashops' builtin corpora
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_FILE = ASSETS / "tokenizer.json"
@@ -88,6 +90,49 @@ def load_tokenizer(path: str | Path | None = None):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: tokenizer missing; rebuild it with `python -m flashops.trainers.build_tokenizer`")
     return Tokenizer.from_file(str(path))
+
+
+class TokenizerCodec:
+    """A tokenizer with the project's id conventions and chat template: the one codec training (stages,
+    RL rewards) and serving (the predictor's TextCodec) use. `tokenizer` defaults to the committed one;
+    decode drops <bos>/<eos>/<pad> when skip_special_tokens (serving's streamed text) and keeps them
+    otherwise (training reads the <eos> a completion ended with)."""
+
+    def __init__(self, tokenizer: Any = None, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+        self.skip_special_tokens = skip_special_tokens
+        self.bos, self.eos, self.pad = (self.tokenizer.token_to_id(t) for t in (BOS, EOS, PAD))
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        return list(ids.ids if hasattr(ids, "ids") else ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = list(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+
+    def documents(self, texts: list[str]) -> list[list[int]]:
+        """Pretraining documents as <bos> text <eos> (batched where the tokenizer can: it encodes in parallel)."""
+        if hasattr(self.tokenizer, "encode_batch"):
+            return [[self.bos] + e.ids + [self.eos] for e in self.tokenizer.encode_batch(texts)]
+        return [[self.bos] + self.encode(t) + [self.eos] for t in texts]
+
+    def chat_prompt(self, messages: list[dict], thinking: bool) -> str:
+        """The prompt text (chat_template)."""
+        return chat_template(messages, thinking)
+
+    def prompt(self, messages: list[dict], thinking: bool = False) -> list[int]:
+        """The prompt's ids, ending where the assistant starts writing (even after an assistant turn)."""
+        return self.encode("".join(t for t, _ in chat_segments(messages, thinking, add_generation_prompt=True)))
+
+    def chat(self, messages: list[dict], thinking: bool) -> tuple[list[int], list[int]]:
+        """(ids, loss mask) of a rendered conversation: mask 1 on what the assistant writes."""
+        ids, mask = [], []
+        for text, is_out in chat_segments(messages, thinking, add_generation_prompt=False):
+            piece = self.encode(text)
+            ids += piece
+            mask += [int(is_out)] * len(piece)
+        return ids, mask
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):

@@ -28,7 +28,7 @@ SPEC_DIR = "/etc/flashops"
 SPEC_FILE = "spec.yaml"
 CA_DIR = "/etc/flashops/s3-ca"
 MANAGER = "flashops-operator"
-FIELD_MANAGER = "flashops.dev/operator"
+RUNTIME_PATCH_MANAGER = "flashops.dev/operator"  # TrainJob runtimePatches[].manager: who patched the runtime
 
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
@@ -40,6 +40,7 @@ INHERITED_LABELS = ("flashops.dev/pipeline", "flashops.dev/stage")
 PYTORCHJOB = ("kubeflow.org/v1", "pytorchjobs", "PyTorchJob")
 TRAINJOB = ("trainer.kubeflow.org/v1alpha1", "trainjobs", "TrainJob")
 CONFIGMAP = ("v1", "configmaps", "ConfigMap")
+JOB = ("batch/v1", "jobs", "Job")  # a pipeline's eval stage
 
 
 class InvalidObject(ValueError):
@@ -64,7 +65,7 @@ def job_kind(run: S.TrainingRun, config: OperatorConfig) -> tuple[str, str, str]
     return TRAINJOB if (run.spec.runtime or config.runtime) == "trainjob" else PYTORCHJOB
 
 
-def child_labels(owner: S._Object, attempt: int | None = None) -> dict[str, str]:
+def child_labels(owner: S.SpecObject, attempt: int | None = None) -> dict[str, str]:
     labels = {k: v for k, v in owner.metadata.labels.items() if k in INHERITED_LABELS}
     labels.update({LABEL_MANAGED_BY: MANAGER, LABEL_PART_OF: "flashops", LABEL_OWNER_KIND: owner.kind,
                    LABEL_OWNER: owner.name})
@@ -73,7 +74,7 @@ def child_labels(owner: S._Object, attempt: int | None = None) -> dict[str, str]
     return labels
 
 
-def owner_references(owner: S._Object) -> list[dict[str, Any]]:
+def owner_references(owner: S.SpecObject) -> list[dict[str, Any]]:
     """The controller reference (garbage collection, `kubectl tree`); none without a uid (rendering offline)."""
     if not owner.metadata.uid:
         return []
@@ -239,6 +240,8 @@ def build_pytorchjob(run: S.TrainingRun, attempt: int, config: OperatorConfig, l
         env=[_k8s("V1EnvVar", e) for e in env], volume_mounts=[_k8s("V1VolumeMount", m) for m in mounts],
         resources=_k8s("V1ResourceRequirements", res) if res else None,
         ports=[k.V1ContainerPort(name="pytorchjob-port", container_port=23456)],
+        # the trainer writes why it stopped to /dev/termination-log; if it died before it could, the log's tail
+        termination_message_policy="FallbackToLogsOnError",
     )
     labels = child_labels(run, attempt)
     template = k.V1PodTemplateSpec(
@@ -278,7 +281,7 @@ def build_trainjob(run: S.TrainingRun, attempt: int, config: OperatorConfig, lin
         ),
     )
     patch = tm.TrainerV1alpha1RuntimePatch(
-        manager=FIELD_MANAGER,
+        manager=RUNTIME_PATCH_MANAGER,
         training_runtime_spec=tm.TrainerV1alpha1TrainingRuntimeSpecPatch(
             template=tm.TrainerV1alpha1JobSetTemplatePatch(spec=tm.TrainerV1alpha1JobSetSpecPatch(replicated_jobs=[
                 tm.TrainerV1alpha1ReplicatedJobPatch(name="node", template=tm.TrainerV1alpha1JobTemplatePatch(
@@ -306,6 +309,11 @@ def build_trainjob(run: S.TrainingRun, attempt: int, config: OperatorConfig, lin
 def build_job(run: S.TrainingRun, attempt: int, config: OperatorConfig, lineage_id: str | None = None) -> dict[str, Any]:
     build = build_trainjob if job_kind(run, config) == TRAINJOB else build_pytorchjob
     return build(run, attempt, config, lineage_id)
+
+
+def attempt_pod_selector(run_name: str, attempt: int) -> str:
+    """The label selector of the pods of one attempt (the job's pod template carries child_labels)."""
+    return f"{LABEL_OWNER_KIND}=TrainingRun,{LABEL_OWNER}={run_name},{LABEL_ATTEMPT}={attempt}"
 
 
 def training_children(run: S.TrainingRun, attempt: int, config: OperatorConfig,
@@ -337,7 +345,7 @@ def _k8s(type_name: str, data: dict[str, Any]) -> Any:
     return _API_CLIENT._ApiClient__deserialize(data, type_name)  # the SDK has no public dict -> model call
 
 
-def _k8s_owner_refs(owner: S._Object) -> list[Any] | None:
+def _k8s_owner_refs(owner: S.SpecObject) -> list[Any] | None:
     refs = owner_references(owner)
     return [_k8s("V1OwnerReference", r) for r in refs] or None
 
@@ -348,3 +356,51 @@ def _drop_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_drop_none(v) for v in value]
     return value
+
+
+# ---------------------------------------------------------------------------------------------- eval stages
+
+
+def eval_command(job: Any) -> list[str]:
+    """What an eval stage's pod runs: `flashops eval` on the previous stage's checkpoint, recorded in lineage on
+    it under the stage's name (flashops.cli.eval_commands; the same code as `flashops run`'s eval stage)."""
+    p = job.spec.eval
+    cmd = ["flashops", "eval", "--model", job.model or "", "--name", job.stage, "--max-tokens", str(p.max_tokens),
+           "--mtp-tokens", str(p.mtp_tokens), "--concurrency", str(p.max_concurrency), "--json"]
+    for suite in p.suites:
+        cmd += ["--suite", suite]
+    return cmd
+
+
+def build_eval_job(job: Any, config: OperatorConfig, owner: S.SpecObject | None = None) -> dict[str, Any]:
+    """A batch/v1 Job for a pipeline's eval stage (flashops.api.pipeline.EvaluationJob): one pod, no torchrun
+    (evaluation is one process), the S3 and lineage settings trainer pods get. Raises InvalidObject when the
+    stage cannot run as given (S3 without an endpoint)."""
+    spec = job.spec
+    s3 = resolve_s3(spec.storage, config, [job.model, *spec.eval.suites], field="spec.storage")
+    env = [*storage_env(s3), *lineage_env(config, None)]
+    volumes, mounts = [], []
+    if s3 and s3.ca_bundle_secret:
+        volumes.append({"name": "s3-ca", "secret": {"secretName": s3.ca_bundle_secret}})
+        mounts.append({"name": "s3-ca", "mountPath": CA_DIR, "readOnly": True})
+    container: dict[str, Any] = {"name": "eval", "image": spec.image or config.image, "command": eval_command(job),
+                                 "env": env}
+    if mounts:
+        container["volumeMounts"] = mounts
+    res = resources(spec.resources)
+    if res:
+        container["resources"] = res
+    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if volumes:
+        pod["volumes"] = volumes
+    labels = {k: v for k, v in job.labels.items() if k in INHERITED_LABELS}
+    labels.update({LABEL_MANAGED_BY: MANAGER, LABEL_PART_OF: "flashops"})
+    if owner is not None:
+        labels.update({LABEL_OWNER_KIND: owner.kind, LABEL_OWNER: owner.name})
+    meta: dict[str, Any] = {"name": job.name, "namespace": job.namespace or "default", "labels": labels}
+    refs = owner_references(owner) if owner is not None else []
+    if refs:
+        meta["ownerReferences"] = refs
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+            "spec": {"backoffLimit": spec.backoff_limit,
+                     "template": {"metadata": {"labels": dict(labels)}, "spec": pod}}}

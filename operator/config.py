@@ -36,6 +36,10 @@ class OperatorConfig:
     resync_seconds: float = 60.0  # level-triggered safety net: every object is reconciled this often
     retry_seconds: float = 10.0  # delay before retrying after a temporary error (API, lineage, store)
     workers: int = 16  # threads for handlers (each reconcile blocks on API calls)
+    # runtime: vllm deployments (docs/serving.md): the ClusterServingRuntime they name, and the ServiceAccount
+    # whose Secret gives KServe's storage initializer the S3 endpoint and credentials (the chart makes both names)
+    vllm_runtime: str = "kserve-huggingfaceserver"
+    serving_service_account: str | None = "flashops-serving"
 
     ENV = {
         "runtime": "FLASHOPS_RUNTIME", "image": "FLASHOPS_IMAGE", "trainjob_runtime": "FLASHOPS_TRAINJOB_RUNTIME",
@@ -45,6 +49,7 @@ class OperatorConfig:
         "lineage_url": "FLASHOPS_LINEAGE_URL", "lineage_secret": "FLASHOPS_LINEAGE_SECRET",
         "namespace": "FLASHOPS_WATCH_NAMESPACE", "resync_seconds": "FLASHOPS_RESYNC_SECONDS",
         "retry_seconds": "FLASHOPS_RETRY_SECONDS", "workers": "FLASHOPS_OPERATOR_WORKERS",
+        "vllm_runtime": "FLASHOPS_VLLM_RUNTIME", "serving_service_account": "FLASHOPS_SERVING_SERVICE_ACCOUNT",
     }
 
     def __post_init__(self) -> None:

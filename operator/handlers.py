@@ -4,6 +4,11 @@ Triggers per kind: create/update/resume of the object, events of its children (P
 InferenceService, a pipeline's TrainingRuns), a resync timer, and a finalizer on delete. Whatever fired,
 the same level-triggered reconciler runs, serialized per object by a lock.
 
+Waiting (issue 17 item 6) writes nothing: an object that waits (for its source, for lineage, for a CRD) is
+woken in memory after retrySeconds, doubling each time up to the resync interval (where the resync timer takes
+over), and at once when the awaited object changes (the child/source watches). A kopf TemporaryError would
+instead write two progress annotations to the object per retry, forever.
+
     registry = kopf.OperatorRegistry()
     FlashopsOperator(OperatorConfig.from_env()).register(registry)
 """
@@ -21,7 +26,7 @@ from flashops.operator import children as C
 from flashops.operator import reconcile as R
 from flashops.operator.config import OperatorConfig
 from flashops.operator.integrations import Integrations, LineageDown
-from flashops.operator.kube import ApiError, Kube, load_configuration
+from flashops.operator.kube import USER_AGENT, ApiError, Kube, load_configuration
 
 log = logging.getLogger("flashops.operator")
 G, V = S.API_GROUP, S.API_VERSION
@@ -41,6 +46,9 @@ class FlashopsOperator:
         self.ext = ext or Integrations(config)
         self._locks: dict[tuple, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        self._waits: dict[tuple, int] = {}  # consecutive waits per object: the backoff exponent
+        self._timers: dict[tuple, threading.Timer] = {}
+        self._closed = False
         self.reconciles = 0  # how many reconciles ran (benchmarks report it)
 
     @property
@@ -54,7 +62,8 @@ class FlashopsOperator:
             return self._locks[(kind, namespace, name)]
 
     def reconcile(self, kind: str, namespace: str | None, name: str, quiet: bool = False) -> R.Outcome | None:
-        """Run the reconciler; turn its outcome into kopf's typed errors (quiet: log them instead)."""
+        """Run the reconciler; a wait is scheduled in memory (wait_later), a permanent problem becomes kopf's
+        PermanentError (quiet: logged instead)."""
         if not name:
             return None
         try:
@@ -64,17 +73,57 @@ class FlashopsOperator:
         except ApiError as e:
             if quiet:
                 log.info("%s %s/%s: will retry: %s", kind, namespace, name, e)
+                self.wait_later(kind, namespace, name, self.config.retry_seconds)
                 return None
             if e.temporary or e.status in (401, 403, 404):
                 raise kopf.TemporaryError(f"Kubernetes API: {e}", delay=self.config.retry_seconds) from None
             raise kopf.PermanentError(f"Kubernetes API rejected a request: {e}") from None
-        if quiet:
-            return outcome
-        if outcome.permanent:
+        if outcome.retry_after and not outcome.permanent:
+            self.wait_later(kind, namespace, name, outcome.retry_after)
+        else:
+            self.stop_waiting(kind, namespace, name)
+        if not quiet and outcome.permanent:
             raise kopf.PermanentError(outcome.permanent)
-        if outcome.retry_after:
-            raise kopf.TemporaryError(outcome.reason or "retrying", delay=outcome.retry_after)
         return outcome
+
+    def wait_delay(self, key: tuple, first: float) -> float | None:
+        """The next wait of an object: first, 2x, 4x... capped by the resync interval (None: leave it to resync)."""
+        with self._locks_guard:
+            n = self._waits.get(key, 0)
+            self._waits[key] = n + 1
+        delay = first * 2 ** n
+        return delay if delay < self.config.resync_seconds else None
+
+    def wait_later(self, kind: str, namespace: str | None, name: str, first: float) -> None:
+        """Reconcile again after a growing delay, in memory: no write to the object while it waits."""
+        key = (kind, namespace, name)
+        delay = self.wait_delay(key, first)
+        timer = threading.Timer(delay, self.reconcile, (kind, namespace, name), {"quiet": True}) if delay else None
+        with self._locks_guard:
+            old = self._timers.pop(key, None)
+            if timer is not None and not self._closed:
+                timer.daemon = True
+                self._timers[key] = timer
+        if old is not None:
+            old.cancel()
+        if timer is not None and self._timers.get(key) is timer:
+            timer.start()
+
+    def stop_waiting(self, kind: str, namespace: str | None, name: str) -> None:
+        key = (kind, namespace, name)
+        with self._locks_guard:
+            self._waits.pop(key, None)
+            timer = self._timers.pop(key, None)
+        if timer is not None and timer is not threading.current_thread():
+            timer.cancel()
+
+    def close(self) -> None:
+        """Cancel every pending wake-up (the operator stops; a restart resumes every object anyway)."""
+        with self._locks_guard:
+            self._closed = True
+            timers, self._timers = list(self._timers.values()), {}
+        for timer in timers:
+            timer.cancel()
 
     def finalize(self, kind: str, body: Any, retry: int) -> None:
         raw = {k: body[k] for k in body}
@@ -111,19 +160,26 @@ class FlashopsOperator:
             settings.networking.request_timeout = 60
 
         @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
+        async def login(**_: Any) -> kopf.AiohttpSession:
+            """kopf's own connection, with the operator's User-Agent: the API server then records kopf's writes
+            (finalizers, progress annotations) under the field manager `flashops` too."""
+            import aiohttp
+
             cfg = load_configuration(config.workers)
             auth = (cfg.api_key or {}).get("authorization") or (cfg.api_key or {}).get("BearerToken") or ""
             scheme, _, token = auth.partition(" ")
-            return kopf.ConnectionInfo(
+            info = kopf.ConnectionInfo(
                 server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
                 scheme=scheme or None, token=token or None,
                 username=cfg.username or None, password=cfg.password or None,
                 certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
             )
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ssl=info.as_ssl_context()),
+                headers={**info.as_http_headers(), "User-Agent": USER_AGENT})
+            return kopf.AiohttpSession(server=info.server, aiohttp_session=session)
 
-        for kind, plural in (("TrainingRun", "trainingruns"), ("TrainingPipeline", "trainingpipelines"),
-                             ("ModelDeployment", "modeldeployments")):
+        for kind, plural in S.PLURALS.items():
             self._register_kind(registry, kind, plural)
 
         def owner_of(kind: str) -> Callable[..., None]:
@@ -136,12 +192,14 @@ class FlashopsOperator:
                       id="pytorchjob-event")(owner_of("TrainingRun"))
         kopf.on.event("trainer.kubeflow.org", "v1alpha1", "trainjobs", labels=run_children, registry=registry,
                       id="trainjob-event")(owner_of("TrainingRun"))
-        kopf.on.event(G, V, "trainingruns", labels={C.LABEL_OWNER_KIND: "TrainingPipeline"}, registry=registry,
+        kopf.on.event(G, V, S.PLURALS["TrainingRun"], labels={C.LABEL_OWNER_KIND: "TrainingPipeline"}, registry=registry,
                       id="stage-run-event")(owner_of("TrainingPipeline"))
+        kopf.on.event("batch", "v1", "jobs", labels={C.LABEL_OWNER_KIND: "TrainingPipeline"}, registry=registry,
+                      id="eval-job-event")(owner_of("TrainingPipeline"))
         kopf.on.event("serving.kserve.io", "v1beta1", "inferenceservices", labels={C.LABEL_OWNER_KIND: "ModelDeployment"},
                       registry=registry, id="inferenceservice-event")(owner_of("ModelDeployment"))
 
-        @kopf.index(G, V, "modeldeployments", registry=registry, id="deployments_by_source")
+        @kopf.index(G, V, S.PLURALS["ModelDeployment"], registry=registry, id="deployments_by_source")
         def deployments_by_source(namespace: str, name: str, spec: Any, **_: Any) -> dict:
             return {(namespace, spec.get("source")): name}
 
@@ -152,8 +210,8 @@ class FlashopsOperator:
             for deployment in deployments_by_source.get((namespace, name), []):
                 self.reconcile("ModelDeployment", namespace, deployment, quiet=True)
 
-        kopf.on.event(G, V, "trainingruns", registry=registry, id="run-source-event")(source_finished)
-        kopf.on.event(G, V, "trainingpipelines", registry=registry, id="pipeline-source-event")(source_finished)
+        kopf.on.event(G, V, S.PLURALS["TrainingRun"], registry=registry, id="run-source-event")(source_finished)
+        kopf.on.event(G, V, S.PLURALS["TrainingPipeline"], registry=registry, id="pipeline-source-event")(source_finished)
         return registry
 
     def _register_kind(self, registry: kopf.OperatorRegistry, kind: str, plural: str) -> None:

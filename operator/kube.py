@@ -11,6 +11,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+# Who wrote a field (metadata.managedFields, server-side apply conflicts): every write of the operator, through
+# this client and through kopf (handlers.login gives kopf's session the same User-Agent), says `flashops`.
+# The API server names a manager after the User-Agent's first word when no fieldManager is sent, which is
+# how the operator used to appear as `OpenAPI-Generator` (the kubernetes client's default User-Agent).
+FIELD_MANAGER = "flashops"
+USER_AGENT = f"{FIELD_MANAGER}/0.1.0 (operator)"
+WRITES = ("POST", "PUT", "PATCH")
+
 
 @dataclass
 class ApiError(Exception):
@@ -57,6 +65,7 @@ class Kube:
 
         self.configuration = configuration
         self.client = ApiClient(configuration)
+        self.client.user_agent = USER_AGENT
 
     @classmethod
     def from_environment(cls, workers: int = 16) -> "Kube":
@@ -67,9 +76,12 @@ class Kube:
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
+        query = list(query or [])
+        if method in WRITES:
+            query.append(("fieldManager", FIELD_MANAGER))
         try:
             return self.client.call_api(
-                path, method, query_params=query or [], body=body,
+                path, method, query_params=query, body=body,
                 header_params={"Accept": "application/json", "Content-Type": content_type},
                 response_type="object", auth_settings=["BearerToken"], _return_http_data_only=True,
                 _request_timeout=(5, 60),

@@ -23,12 +23,16 @@ def run_operator(config: OperatorConfig, stop_flag: threading.Event | None = Non
                  operator: FlashopsOperator | None = None) -> None:
     """Blocks until stop_flag is set (or SIGINT/SIGTERM when run in the main thread)."""
     registry = kopf.OperatorRegistry()
-    (operator or FlashopsOperator(config)).register(registry)
-    asyncio.run(kopf.operator(
-        registry=registry, standalone=True, stop_flag=stop_flag, ready_flag=ready_flag,
-        clusterwide=config.namespace is None, namespaces=[config.namespace] if config.namespace else (),
-        liveness_endpoint=liveness,
-    ))
+    operator = operator or FlashopsOperator(config)
+    operator.register(registry)
+    try:
+        asyncio.run(kopf.operator(
+            registry=registry, standalone=True, stop_flag=stop_flag, ready_flag=ready_flag,
+            clusterwide=config.namespace is None, namespaces=[config.namespace] if config.namespace else (),
+            liveness_endpoint=liveness,
+        ))
+    finally:
+        operator.close()
 
 
 @dataclass

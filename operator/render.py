@@ -17,7 +17,7 @@ from flashops.operator.config import OperatorConfig
 from flashops.operator.inference import build_inference_service
 
 
-def render_objects(objects: list[S._Object], config: OperatorConfig, namespace: str = "default",
+def render_objects(objects: list[S.SpecObject], config: OperatorConfig, namespace: str = "default",
                    model_uri: str | None = None) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for obj in objects:
@@ -29,6 +29,9 @@ def render_objects(objects: list[S._Object], config: OperatorConfig, namespace: 
             previous = None
             for i in range(len(obj.spec.stages)):
                 run = S.pipeline_stage_run(obj, i, previous)
+                if obj.spec.stages[i].is_eval:  # an evaluation Job of the previous stage; it trains nothing
+                    out.append(C.build_eval_job(run, config, obj))
+                    continue
                 stage_run = run.to_dict()
                 stage_run["metadata"]["labels"].update({C.LABEL_MANAGED_BY: C.MANAGER, C.LABEL_OWNER_KIND: obj.kind,
                                                         C.LABEL_OWNER: obj.name})

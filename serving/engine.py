@@ -29,13 +29,17 @@ import asyncio
 import concurrent.futures
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Callable, Protocol, TypeVar
 
 import torch
 
 from flashops.serving.metrics import ModelMetrics
-from flashops.serving.sampling import SamplingParams, sample, token_probs
+from flashops.model.sampling import sample, token_probs
+from flashops.serving.sampling import SamplingParams
 from flashops.serving.speculative import accept_greedy_targets, accept_sampling
+
+
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -137,6 +141,11 @@ class Engine:
                 seq.cancelled = True  # the loop drops it at the next step boundary
                 if seq in self._waiting:
                     self._waiting.remove(seq)
+
+    async def run_in_model_thread(self, fn: Callable[[], T]) -> T:
+        """Run other model work (scoring logprobs) on the engine's one model thread, between its steps,
+        so it never races a decoding step on the same weights and buffers."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def aclose(self) -> None:
         if self._task is not None:

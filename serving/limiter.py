@@ -10,6 +10,10 @@ from typing import AsyncIterator
 
 from flashops.serving.protocol import OpenAIError
 
+# What a refused client is told to wait (RFC 9110 Retry-After, whole seconds): about one short request's time
+# on a busy server; clients (the openai package among them) honour it before retrying.
+RETRY_AFTER_SECONDS = 1
+
 
 class RequestLimiter:
     def __init__(self, max_concurrency: int, max_queue: int | None = None):
@@ -27,7 +31,7 @@ class RequestLimiter:
             raise OpenAIError(
                 429, f"server busy: {self.active} requests running and {self.waiting} queued "
                 f"(max_concurrency={self.max_concurrency}, queue={self.max_queue}); retry later",
-                type="rate_limit_error", code="overloaded")
+                type="rate_limit_error", code="overloaded", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         self.waiting += 1
         try:
             await self._slots.acquire()

@@ -3,13 +3,12 @@ load full-precision or INT4 weights, wrap it in the engine, the limiter and the 
 
     predictor = load_predictor(ServeOptions(model_uri="file:///home/me/.flashops/store/models/chat/v1"))
 
-An export (flashops.storage `export_model`) holds:
-    config.json           the JoyAIConfig (`JoyAIConfig.to_dict()`, or {"model": {...}})
-    model.safetensors     full-precision weights, JoyAIFlash state_dict names
-    model-int4.safetensors  (optional) INT4 routed experts from the QAT export (flashops.model.export.save_int4:
-                          packed weights + fp32 group scales, config and error report in its metadata)
-    int4.json             (optional) {"logit_tolerance": ...}: max |logit| change measured at export
-    tokenizer.json        (optional) a `tokenizers` file; else the committed tokenizer
+An export (flashops.trainers.runner.export_model; the layout is flashops.model.export's) is a Hugging Face
+DeepSeek-V3 folder, the one vLLM and SGLang load too:
+    config.json, model-*.safetensors, model.safetensors.index.json   full precision (HF names)
+    tokenizer.json        a `tokenizers` file (else the committed tokenizer)
+    int4/                 (QAT exports) the same with compressed-tensors INT4 routed experts
+Only the files of the asked quantization are fetched.
 """
 from __future__ import annotations
 
@@ -21,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flashops.api.pipeline import INT4_DIR
+
 log = logging.getLogger("flashops.serving")
 
-CONFIG_FILE, WEIGHTS_FILE, INT4_FILE, INT4_REPORT, TOKENIZER_FILE = (
-    "config.json", "model.safetensors", "model-int4.safetensors", "int4.json", "tokenizer.json")
+CONFIG_FILE, TOKENIZER_FILE = "config.json", "tokenizer.json"
 
 
 class LoadError(ValueError):
@@ -57,103 +57,109 @@ class ServeOptions:
         lineage when `model_uri` is not given."""
         spec = deployment.spec
         uri = model_uri or resolve_source(spec.source)
-        return cls(model_uri=uri, name=deployment.metadata.name, quantization=spec.quantization,
-                   mtp_tokens=spec.speculative.mtp_tokens, thinking=spec.thinking,
-                   max_concurrency=spec.max_concurrency, **overrides)
+        # speculative.mtpTokens: auto is resolved by the caller (flashops serve -f, the operator) from the model's
+        # recorded evaluation (flashops.api.promotion.choose_mtp_tokens); until then it serves with 0
+        values = dict(model_uri=uri, name=deployment.metadata.name, quantization=spec.quantization,
+                      mtp_tokens=0 if spec.speculative.mtp_tokens == "auto" else spec.speculative.mtp_tokens,
+                      thinking=spec.thinking, max_concurrency=spec.max_concurrency)
+        return cls(**{**values, **overrides})
 
 
 def resolve_source(source: str) -> str:
-    if source.startswith(("s3://", "file://")):
-        return source
+    """The model URI to serve for a deployment's source (flashops.api.references: the one resolver)."""
+    from flashops.api.lineage import LineageError
+    from flashops.api.references import UnresolvedReference, is_uri, resolve_reference
+
+    lineage = None
+    if not is_uri(source):
+        try:
+            from flashops.api.lineage import open_lineage
+
+            lineage = open_lineage()
+        except ImportError:
+            raise LoadError(f"source '{source}' names a run or lineage entry, but lineage is not available here: "
+                            "pass the model URI (--model s3://.../models/<name>/<version>)") from None
+        except (LineageError, OSError) as e:
+            raise LoadError(f"source '{source}' needs lineage, which cannot be opened ({e}): check "
+                            "$FLASHOPS_LINEAGE_URL or pass --model URI") from None
     try:
-        from flashops.api.lineage import open_lineage
-    except ImportError:
-        raise LoadError(f"source '{source}' names a run or lineage entry, but lineage is not available here: "
-                        "pass the model URI (--model s3://.../models/<name>/<version>)") from None
-    found = open_lineage().resolve(source)
-    uri = found.get("uri") if isinstance(found, dict) else None
-    if not uri:
-        raise LoadError(f"lineage has no model or checkpoint for '{source}': export one or pass --model URI")
-    return uri
+        found = resolve_reference(source, lineage=lineage)
+    except UnresolvedReference as e:  # e.g. a pipeline that has not finished: nothing to serve yet
+        raise LoadError(f"{e}; or pass --model URI") from None
+    except (LineageError, OSError) as e:  # lineage down or misconfigured: say so, no traceback
+        raise LoadError(f"source '{source}' cannot be resolved through lineage ({e}): check $FLASHOPS_LINEAGE_URL "
+                        "or pass --model URI") from None
+    if not found.model_uri:
+        raise LoadError(f"'{source}' resolves to checkpoint {found.checkpoint_uri}, which was never exported for "
+                        "serving (only a standalone run or a pipeline's final stage exports): serve that run or "
+                        "pipeline instead, or pass --model URI")
+    return found.model_uri
 
 
-def fetch(uri: str, cache_dir: str | None = None) -> Path:
-    """The export's files in a local directory, every file checked against the manifest."""
+def fetch(uri: str, cache_dir: str | None = None, quantization: str | None = None) -> Path:
+    """The export's files in a local directory, every file checked against the manifest; with a
+    quantization, only that variant's files (int4: int4/, none: the full-precision files)."""
     from flashops.storage import fetch_model
 
     root = Path(cache_dir or os.environ.get("FLASHOPS_SERVING_CACHE") or tempfile.mkdtemp(prefix="flashops-model-"))
     dest = root / uri.rstrip("/").rsplit("/models/", 1)[-1].replace("/", "-")
-    return fetch_model(uri, dest)
+    only = None
+    if quantization is not None:
+        in_int4 = INT4_DIR + "/"
+        only = (lambda rel: rel.startswith(in_int4)) if quantization == "int4" else (lambda rel: "/" not in rel)
+    return fetch_model(uri, dest, only)
 
 
 def read_config(directory: Path):
-    from flashops.model.config import JoyAIConfig
+    from flashops.model.export import read_hf_config
 
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise LoadError(f"{path}: missing; an export needs {CONFIG_FILE} (JoyAIConfig.to_dict())")
-    data = json.loads(path.read_text())
-    return JoyAIConfig.from_dict(data.get("model", data))
+        raise LoadError(f"{path}: missing; an export needs {CONFIG_FILE}: export the checkpoint with "
+                        "`flashops checkpoints export URI --name NAME`")
+    return read_hf_config(directory)[0]
 
 
 def load_model(directory: Path, quantization: str = "none"):
-    """JoyAIFlash with the export's weights; INT4 routed experts when asked and present."""
-    from safetensors.torch import load_file
+    """JoyAIFlash with the export's weights; INT4 routed experts (kept packed) when asked and present."""
+    from flashops.model.export import load_export
 
-    from flashops.model import JoyAIFlash
-
-    weights = directory / WEIGHTS_FILE
-    if quantization == "int4":
-        if not (directory / INT4_FILE).is_file():
-            raise LoadError(f"quantization int4 asked but {directory / INT4_FILE} is missing: "
-                            "export the QAT model with save_int4(), or serve with quantization: none")
-        from flashops.model.export import read_int4
-
-        model = read_int4(directory / INT4_FILE)  # experts stay packed; dequantized per group in the matmul
-        return model.eval(), model.arch
-    cfg = read_config(directory)
-    model = JoyAIFlash(cfg)  # real init: builds the non-persistent buffers (RoPE tables) the file lacks
-    if not weights.is_file():
-        raise LoadError(f"{weights}: missing; an export needs {WEIGHTS_FILE}")
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise LoadError(f"{weights} does not fit the config in {CONFIG_FILE}: missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}; re-export the model")
+    folder = directory / INT4_DIR if quantization == "int4" else directory
+    if not (folder / CONFIG_FILE).is_file():
+        if quantization == "int4":
+            raise LoadError(f"quantization int4 asked but {folder} is missing: the run trained without QAT; "
+                            "export with `flashops checkpoints export URI --name NAME --int4`, or serve with "
+                            "quantization: none")
+        raise LoadError(f"{folder / CONFIG_FILE}: missing; this is not a flashops export (re-export it with "
+                        "`flashops checkpoints export URI --name NAME`)")
+    data = json.loads((folder / CONFIG_FILE).read_text())
+    if "model_type" not in data:
+        raise LoadError(f"{folder / CONFIG_FILE} is an export of an older flashops (flashops names, no HF "
+                        "layout): re-export the checkpoint with `flashops checkpoints export URI --name NAME`")
+    try:
+        model, cfg = load_export(directory, quantization)
+    except ValueError as e:
+        raise LoadError(f"{folder}: {e}; re-export the model") from None
     return model.eval(), cfg
 
 
 # ---------------------------------------------------------------------- tokenizer
 
 
-class TokenizerCodec:
-    """tokenizers.Tokenizer + the project's chat template as the predictor's TextCodec."""
-
-    def __init__(self, tokenizer: Any, chat_template: Any):
-        self.tokenizer, self._chat_template = tokenizer, chat_template
-
-    def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
-        return list(ids.ids if hasattr(ids, "ids") else ids)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
-
-    def chat_prompt(self, messages: list[dict[str, str]], thinking: bool) -> str:
-        return self._chat_template(messages, thinking)
-
-
-def load_codec(directory: Path) -> TokenizerCodec:
+def load_codec(directory: Path):
+    """The export's tokenizer.json (else the committed one) as the project's TokenizerCodec."""
     from flashops.model import tokenizer as project_tokenizer
 
     path = directory / TOKENIZER_FILE
+    if not path.is_file():
+        path = directory / INT4_DIR / TOKENIZER_FILE
     if path.is_file():
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(path))
     else:
         tok = project_tokenizer.load_tokenizer()
-    return TokenizerCodec(tok, project_tokenizer.chat_template)
+    return project_tokenizer.TokenizerCodec(tok)
 
 
 # ---------------------------------------------------------------------- the predictor
@@ -178,9 +184,23 @@ def build_predictor(model, cfg, codec, options: ServeOptions, name: str):
 
 
 def load_predictor(options: ServeOptions):
-    directory = fetch(options.model_uri, options.cache_dir)
+    directory = fetch(options.model_uri, options.cache_dir, options.quantization)
     name = options.name or options.model_uri.rstrip("/").split("/")[-2]
     model, cfg = load_model(directory, options.quantization)
     log.info("loaded %s (%s, quantization=%s, mtp_tokens=%d)", options.model_uri, cfg.preset,
              options.quantization, options.mtp_tokens)
     return build_predictor(model, cfg, load_codec(directory), options, name)
+
+
+def load_checkpoint_model(checkpoint_uri: str):
+    """JoyAIFlash with a training checkpoint's weights (full precision), for evaluating a pipeline stage that
+    was never exported; its config comes from the checkpoint's manifest."""
+    from flashops.model import JoyAIFlash
+    from flashops.model.config import JoyAIConfig
+    from flashops.storage import load_checkpoint, open_store, split_checkpoint_uri
+
+    root, _, _ = split_checkpoint_uri(checkpoint_uri)
+    cfg = JoyAIConfig.from_dict(open_store(root).meta(checkpoint_uri).model_config)
+    model = JoyAIFlash(cfg)
+    load_checkpoint(checkpoint_uri, {"model": model.state_dict()})  # in place, tensor by tensor
+    return model.eval(), cfg

@@ -11,34 +11,86 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
 from flashops.model.tokenizer import END_THINK as THINK_END
 from flashops.model.tokenizer import THINK as THINK_START
 from flashops.serving.predictor import FlashPredictor
+from flashops.serving.logprobs import chat_logprobs, completion_logprobs
 from flashops.serving.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                        ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice,
-                                       CompletionRequest, Delta, ModelCard, ModelList, OpenAIError, Usage, new_id,
-                                       validation_error)
+                                       CompletionRequest, Delta, ErrorResponse, ModelCard, ModelList, OpenAIError,
+                                       Usage, new_id, refuse_unsupported_fields, validation_error)
 from flashops.serving.sampling import SamplingParams
 
 PREFIX = "/openai/v1"
 
 
+_ERRORS = {code: {"model": ErrorResponse, "description": desc} for code, desc in [
+    (400, "invalid request: the message names the field"), (404, "no such model or route"),
+    (405, "method not allowed"), (429, "overloaded: retry after the Retry-After header's seconds"),
+    (500, "generation failed")]}
+
+
+def _body(model: type[BaseModel]) -> dict:
+    """The request body as the OpenAPI document shows it. The routes parse bodies themselves (to answer
+    with OpenAI error bodies and to tell unsupported OpenAI fields from typos), so FastAPI cannot infer it."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
 def mount_openai(app: FastAPI, models: dict[str, FlashPredictor]) -> None:
     routes = _Routes(models)
-    router = APIRouter(prefix=PREFIX)
-    router.add_api_route("/models", routes.list_models, methods=["GET"])
-    router.add_api_route("/completions", routes.completions, methods=["POST"])
-    router.add_api_route("/chat/completions", routes.chat_completions, methods=["POST"])
+    router = APIRouter(prefix=PREFIX, tags=["openai"])
+    router.add_api_route("/models", routes.list_models, methods=["GET"], response_model=ModelList,
+                         responses=_ERRORS)
+    router.add_api_route("/models/{model_id:path}", routes.retrieve_model, methods=["GET"], response_model=ModelCard,
+                         responses=_ERRORS)
+    router.add_api_route("/completions", routes.completions, methods=["POST"], responses=_ERRORS,
+                         openapi_extra=_body(CompletionRequest))
+    router.add_api_route("/chat/completions", routes.chat_completions, methods=["POST"], responses=_ERRORS,
+                         openapi_extra=_body(ChatCompletionRequest))
     app.include_router(router)
     app.add_exception_handler(OpenAIError, _error_response)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    _document_request_bodies(app, [CompletionRequest, ChatCompletionRequest])
+
+
+def _document_request_bodies(app: FastAPI, bodies: list[type[BaseModel]]) -> None:
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = build()
+            _, defs = models_json_schema([(m, "validation") for m in bodies],
+                                         ref_template="#/components/schemas/{model}")
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _error_response(request: Request, exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Under /openai/v1 a 404 or 405 from routing is an OpenAI error body too (clients read error.message);
+    elsewhere (KServe v1/v2) FastAPI's usual {"detail": ...}."""
+    if request.url.path == PREFIX or request.url.path.startswith(PREFIX + "/"):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: f"no route {request.url.path}: see GET {PREFIX}/models, POST {PREFIX}/completions and "
+                        f"{PREFIX}/chat/completions",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(OpenAIError(exc.status_code, message, code=kind).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+    return await http_exception_handler(request, exc)
 
 
 class _Routes:
@@ -46,8 +98,16 @@ class _Routes:
         self.models = models
 
     async def list_models(self) -> dict:
-        cards = [ModelCard(id=name, created=m.created, max_model_len=m.engine.max_len) for name, m in self.models.items()]
-        return ModelList(data=cards).model_dump()
+        return ModelList(data=[self._card(name) for name in self.models]).model_dump()
+
+    async def retrieve_model(self, model_id: str) -> dict:
+        """One served model (the openai client's `models.retrieve`)."""
+        self._predictor(model_id)
+        return self._card(model_id).model_dump()
+
+    def _card(self, name: str) -> ModelCard:
+        m = self.models[name]
+        return ModelCard(id=name, created=m.created, max_model_len=m.engine.max_len)
 
     async def completions(self, request: Request):
         req = await _parse(request, CompletionRequest)
@@ -65,7 +125,12 @@ class _Routes:
                                  lambda u: {"id": cid, "object": "text_completion", "created": created,
                                             "model": req.model, "choices": [], "usage": u})
         gen = await _complete(predictor, "completions", ids, params)
-        return Completion(model=req.model, choices=[CompletionChoice(text=gen.text, finish_reason=gen.finish_reason)],
+        logprobs = None
+        if req.top_logprobs_wanted is not None:
+            logprobs = completion_logprobs(await predictor.score(ids, gen.token_ids, req.top_logprobs_wanted),
+                                           predictor.codec.decode)
+        return Completion(model=req.model, choices=[CompletionChoice(text=gen.text, finish_reason=gen.finish_reason,
+                                                                     logprobs=logprobs)],
                           usage=_usage(gen.prompt_tokens, gen.completion_tokens)).model_dump()
 
     async def chat_completions(self, request: Request):
@@ -100,9 +165,14 @@ class _Routes:
                                  lambda u: {"id": cid, "object": "chat.completion.chunk", "created": created,
                                             "model": req.model, "choices": [], "usage": u})
         gen = await _complete(predictor, "chat/completions", ids, params)
-        reasoning, content = _ReasoningSplitter(thinking).feed(gen.text, final=True)
+        reasoning, content = split_reasoning(gen.text, thinking)
         message = AssistantMessage(content=content, reasoning_content=reasoning if thinking else None)
-        return ChatCompletion(model=req.model, choices=[ChatChoice(message=message, finish_reason=gen.finish_reason)],
+        logprobs = None
+        if req.top_logprobs_wanted is not None:
+            logprobs = chat_logprobs(await predictor.score(ids, gen.token_ids, req.top_logprobs_wanted),
+                                     predictor.codec.decode)
+        return ChatCompletion(model=req.model, choices=[ChatChoice(message=message, finish_reason=gen.finish_reason,
+                                                                   logprobs=logprobs)],
                               usage=_usage(gen.prompt_tokens, gen.completion_tokens)).model_dump(exclude_none=True)
 
     def _predictor(self, name: str) -> FlashPredictor:
@@ -120,9 +190,13 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise OpenAIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
-        return model.model_validate(data)
+        req = model.model_validate(refuse_unsupported_fields(data))
     except ValidationError as e:
         raise validation_error(e) from None
+    if req.stream and req.top_logprobs_wanted is not None:
+        raise OpenAIError(400, "logprobs: not supported by this server together with stream: true; ask without "
+                               "streaming", param="logprobs", code="unsupported_parameter")
+    return req
 
 
 def _usage(prompt: int, completion: int) -> Usage:
@@ -193,6 +267,12 @@ async def _stream(predictor: FlashPredictor, route: str, ids: list[int], params:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def split_reasoning(text: str, thinking: bool) -> tuple[str, str]:
+    """(reasoning, answer) of a whole generation, as the chat route returns them (reasoning_content, content);
+    `flashops eval` compares the same answer."""
+    return _ReasoningSplitter(thinking).feed(text, final=True)
 
 
 class _ReasoningSplitter:

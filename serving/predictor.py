@@ -10,6 +10,7 @@ All three go through the same request limiter and engine, so the protocols share
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -21,11 +22,14 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
 from flashops.serving.engine import Chunk, Engine
 from flashops.serving.limiter import RequestLimiter
+from flashops.serving.logprobs import TokenScore, token_scores
 from flashops.serving.metrics import ModelMetrics
-from flashops.serving.protocol import OpenAIError
+from flashops.serving.protocol import OpenAIError, SamplingOptions, validation_error
+from pydantic import ValidationError
+
 from flashops.serving.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+SAMPLING_FIELDS = tuple(SamplingOptions.model_fields)
 
 
 class TextCodec(Protocol):
@@ -42,6 +46,7 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    token_ids: list[int]
 
 
 class FlashPredictor(Model):
@@ -63,6 +68,9 @@ class FlashPredictor(Model):
     # ------------------------------------------------------------------ shared by every protocol
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         ids = self.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise OpenAIError(400, "the prompt is empty: send at least one character or token id",
+                              param="prompt")
         vocab = self.engine.backend.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise OpenAIError(400, f"prompt token ids must be within [0, {vocab})", param="prompt")
@@ -82,7 +90,8 @@ class FlashPredictor(Model):
                 f"({self.engine.max_len}): use max_tokens <= {room}", param="max_tokens",
                 code="context_length_exceeded")
         try:
-            return SamplingParams(max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, room), temperature=temperature,
+            return SamplingParams(max_tokens=min(DEFAULT_MAX_TOKENS, room) if max_tokens is None else max_tokens,
+                                  temperature=temperature,
                                   top_p=top_p, seed=seed, stop=tuple(stop or ()))
         except ValueError as e:
             raise OpenAIError(400, str(e)) from None
@@ -96,12 +105,17 @@ class FlashPredictor(Model):
 
     async def complete(self, ids: list[int], params: SamplingParams) -> Generation:
         async with self.limiter.slot():
-            parts, n, finish = [], 0, "stop"
+            parts, tokens, finish = [], [], "stop"
             async for chunk in self.stream(ids, params):
                 parts.append(chunk.text)
-                n += len(chunk.token_ids)
+                tokens.extend(chunk.token_ids)
                 finish = chunk.finish_reason or finish
-        return Generation("".join(parts), finish, len(ids), n)
+        return Generation("".join(parts), finish, len(ids), len(tokens), tokens)
+
+    async def score(self, ids: list[int], generated: list[int], top: int) -> list[TokenScore]:
+        """The generated tokens' log-probabilities (and `top` alternatives each) under the served model."""
+        model = self.engine.backend.model
+        return await self.engine.run_in_model_thread(lambda: token_scores(model, ids, generated, top))
 
     # ------------------------------------------------------------------ KServe v1 / v2
     async def predict(self, payload: dict | InferRequest, headers: dict[str, str] | None = None,
@@ -120,7 +134,8 @@ class FlashPredictor(Model):
         if not isinstance(instances, list) or not instances:
             raise InvalidInput('expected {"instances": ["prompt", {"prompt": "...", "max_tokens": 16}, ...]}')
         predictions = []
-        for i, inst in enumerate(instances):
+        requests = []
+        for i, inst in enumerate(instances):  # every instance is checked before any is generated
             if isinstance(inst, str):
                 inst = {"prompt": inst}
             if not isinstance(inst, dict) or not isinstance(inst.get("prompt"), str):
@@ -129,22 +144,40 @@ class FlashPredictor(Model):
             if unknown:
                 raise InvalidInput(f"instances[{i}]: unknown field(s) {sorted(unknown)}; "
                                    f"known: prompt, {', '.join(SAMPLING_FIELDS)}")
-            predictions.append(await self._generate_one(inst["prompt"], inst))
-        return {"predictions": predictions}
+            options = {k: v for k, v in inst.items() if k != "prompt"}
+            requests.append(self._request(inst["prompt"], options, f"instances[{i}].prompt", f"instances[{i}]."))
+        return {"predictions": [await self._generate(ids, params) for ids, params in requests]}
 
     async def _predict_v2(self, request: InferRequest) -> InferResponse:
+        names = [i.name for i in request.inputs]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise InvalidInput(f"inputs: {', '.join(repr(n) for n in duplicated)} given more than once: send each "
+                               "input once")
+        unknown = sorted(set(names) - {"text_input"})
+        if unknown:
+            raise InvalidInput(f"inputs: unknown input(s) {unknown}: this model takes one input, text_input (BYTES)")
         text_input = request.get_input_by_name("text_input")
         if text_input is None:
             raise InvalidInput('expected an input named "text_input" with datatype BYTES')
         if text_input.datatype != "BYTES":
-            raise InvalidInput(f'input "text_input" has datatype {text_input.datatype}: use BYTES')
+            raise InvalidInput(f'inputs.text_input.datatype: {text_input.datatype}: use BYTES')
+        data = _flat(text_input.data)
+        shape = list(text_input.shape or [])
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape) or math.prod(shape) != len(data):
+            raise InvalidInput(f"inputs.text_input.shape: {shape} does not match its data ({len(data)} element(s)): "
+                               f"use shape [{len(data)}]")
+        if not all(isinstance(d, (str, bytes)) for d in data):
+            raise InvalidInput("inputs.text_input.data: every element must be a string (BYTES)")
         # not InferInput.as_string(): it assumes bytes, but JSON requests carry str
-        prompts = [d.decode() if isinstance(d, bytes) else str(d) for d in _flat(text_input.data)]
+        prompts = [d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in data]
         params = dict(request.parameters or {})
         unknown = set(params) - set(SAMPLING_FIELDS)
         if unknown:
-            raise InvalidInput(f"unknown parameter(s) {sorted(unknown)}; known: {', '.join(SAMPLING_FIELDS)}")
-        results = [await self._generate_one(p, params) for p in prompts]
+            raise InvalidInput(f"parameters: unknown parameter(s) {sorted(unknown)}; known: {', '.join(SAMPLING_FIELDS)}")
+        requests = [self._request(p, params, f"inputs.text_input.data[{i}]", "parameters.")
+                    for i, p in enumerate(prompts)]
+        results = [await self._generate(ids, sampling) for ids, sampling in requests]
         return InferResponse(
             response_id=request.id or "", model_name=self.name, infer_outputs=[
                 InferOutput(name="text_output", shape=[len(results)], datatype="BYTES",
@@ -153,26 +186,24 @@ class FlashPredictor(Model):
                             data=[r["completion_tokens"] for r in results]),
             ])
 
-    async def _generate_one(self, prompt: str, options: dict[str, Any]) -> dict[str, Any]:
-        stop = options.get("stop") or ()
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        ids = self.prompt_ids(prompt)
+    def _request(self, prompt: str, options: dict[str, Any], prompt_field: str,
+                 options_prefix: str) -> tuple[list[int], SamplingParams]:
+        """A KServe prompt and its options, checked with the same strict types as the OpenAI routes; every
+        error names the field as the request spells it (instances[0].max_tokens, parameters.stop, ...)."""
         try:
-            params = self.sampling(len(ids), _int(options.get("max_tokens"), "max_tokens"),
-                                   float(options.get("temperature", 1.0)), float(options.get("top_p", 1.0)),
-                                   _int(options.get("seed"), "seed"), stop)
-        except (TypeError, ValueError) as e:
-            raise OpenAIError(400, f"bad sampling parameter: {e}") from None
+            opts = SamplingOptions.model_validate(options)
+        except ValidationError as e:
+            err = validation_error(e)
+            raise OpenAIError(400, f"{options_prefix}{err.message}", param=f"{options_prefix}{err.param}") from None
+        try:
+            ids = self.prompt_ids(prompt)
+        except OpenAIError as e:
+            raise OpenAIError(e.status, f"{prompt_field}: {e.message}", param=prompt_field) from None
+        return ids, self.sampling(len(ids), opts.max_tokens, opts.temperature, opts.top_p, opts.seed, opts.stop)
+
+    async def _generate(self, ids: list[int], params: SamplingParams) -> dict[str, Any]:
         gen = await self.complete(ids, params)
         return {"text": gen.text, "finish_reason": gen.finish_reason, "completion_tokens": gen.completion_tokens}
-
-
-def _int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return value
 
 
 def _flat(data: Any) -> list[Any]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flashops.serving.sampling import sample
+from flashops.model.sampling import sample
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from flashops.storage.store import (
     CheckpointStore,
     GcReport,
     ModelRef,
+    ModelWriter,
     VerifyReport,
     default_store_uri,
     fetch_model,
@@ -37,7 +38,7 @@ from flashops.storage.store import (
 __all__ = [
     "AlreadyExistsError", "BucketMissingError", "CheckpointExistsError", "CheckpointMeta", "CheckpointNotFoundError",
     "CheckpointRef", "CheckpointStore", "CorruptObjectError", "CredentialsError", "EndpointUnreachableError",
-    "GcReport", "ModelRef", "ObjectNotFoundError", "StoreConfigError", "StoreError", "TLSError",
+    "GcReport", "ModelRef", "ModelWriter", "ObjectNotFoundError", "StoreConfigError", "StoreError", "TLSError",
     "TransientStoreError", "VerifyReport", "default_store_uri", "fetch_model", "load_checkpoint", "open_store",
     "exported_model_uri",
     "split_checkpoint_uri",

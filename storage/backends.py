@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import logging
 import os
 import random
 import threading
 import time
 import uuid
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Callable, Iterator, TypeVar
 
 from flashops.storage.errors import (
     BucketMissingError,
+    CorruptObjectError,
     CredentialsError,
     EndpointUnreachableError,
     ObjectNotFoundError,
@@ -49,6 +52,67 @@ def sha256_of(data) -> str:
     for i in range(0, len(mv), _HASH_CHUNK):
         h.update(mv[i : i + _HASH_CHUNK])
     return h.hexdigest()
+
+
+MIN_PART = 8 * 1024 * 1024    # below this, per-request overhead dominates (S3's floor is 5 MiB)
+MAX_PART = 64 * 1024 * 1024   # above this, fewer parts than connections and more memory per part
+MAX_PARTS = 10_000            # S3's limit per multipart upload
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """How one object moves: parts of `part_size` bytes, `concurrency` of them in flight at once.
+    A streamed upload (size unknown up front) doubles its part size every 1000 parts, so even a 5 TB
+    object stays under S3's 10,000-part limit while a small one keeps small parts."""
+
+    part_size: int
+    concurrency: int
+    grows: bool = False
+
+    def part_size_for(self, number: int) -> int:
+        return self.part_size << ((number - 1) // 1000) if self.grows else self.part_size
+
+    def ranges(self, size: int) -> list[tuple[int, int]]:
+        return [(o, min(self.part_size, size - o)) for o in range(0, size, self.part_size)]
+
+
+def transfer_plan(size: int, settings: S3Settings) -> TransferPlan:
+    """Part size and concurrency from the object's size: one request up to `settings.part_size`; above it
+    about two parts per connection (every connection busy, the last part not a long tail), each part
+    between 8 and 64 MiB, never more than 10,000 parts; at most `settings.parallelism` in flight."""
+    if size <= settings.part_size:
+        return TransferPlan(max(size, 1), 1)
+    part = -(-size // (2 * settings.parallelism))
+    part = max(MIN_PART, min(MAX_PART, part), -(-size // MAX_PARTS))
+    part = -(-part // (1024 * 1024)) * 1024 * 1024  # whole MiB
+    return TransferPlan(part, min(settings.parallelism, -(-size // part)))
+
+
+def streaming_plan(settings: S3Settings) -> TransferPlan:
+    """For an upload whose size is not known until it ends (a DCP shard as it is serialised)."""
+    return TransferPlan(settings.part_size, settings.parallelism, grows=True)
+
+
+class BufferPool:
+    """Part buffers reused across uploads: a fresh 16 MiB bytearray costs page faults and zeroing on every
+    part; a kept one does not. Holds at most `keep` idle buffers (memory stays bounded)."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._idle: dict[int, list[bytearray]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        with self._lock:
+            idle = self._idle.get(size)
+            if idle:
+                return idle.pop()
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        with self._lock:
+            if sum(len(v) for v in self._idle.values()) < self.keep:
+                self._idle[len(buf)].append(buf)
 
 
 class HashingWriter(io.RawIOBase):
@@ -94,6 +158,20 @@ class ObjectBackend:
     def delete(self, keys: list[str]) -> None: ...
     def exists(self, key: str) -> bool: ...
     def ensure_ready(self, for_write: bool) -> bool: ...
+
+    def check_writable(self) -> None:
+        """Write and delete a probe object (StoreError if that fails)."""
+        self.ensure_ready(for_write=True)
+        probe = f".flashops-write-check-{uuid.uuid4().hex[:12]}"
+        try:
+            self.put_bytes(probe, b"ok")
+            self.delete([probe])
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever the client raises, the answer is "not writable"
+            raise StoreError(f"store {self.url()} is not writable ({getattr(e, 'strerror', None) or e}): pick a "
+                             "writable location (file:///some/dir or s3://bucket/prefix) or fix its permissions") from None
+
     def incomplete(self, prefix: str) -> list[str]: ...
     def discard_incomplete(self, prefix: str) -> int:
         """Drop writes under prefix that never committed (a killed save); returns how many."""
@@ -101,6 +179,15 @@ class ObjectBackend:
 
     def iter_chunks(self, key: str) -> Iterator[bytes | bytearray]:
         yield self.get_bytes(key)
+
+    def read_range(self, key: str, offset: int, length: int) -> bytearray:
+        """`length` bytes of the object from `offset` (a ranged GET on S3): what streaming readers use."""
+        raise NotImplementedError
+
+    def get_bytes_hashed(self, key: str) -> tuple[bytes | bytearray, str]:
+        """The object's bytes and their sha256 (backends hash while the bytes arrive)."""
+        data = self.get_bytes(key)
+        return data, sha256_of(data)
 
     def hash_object(self, key: str) -> tuple[int, str]:
         """(size, sha256) of a stored object, streamed: memory stays at a few parts whatever the size."""
@@ -168,6 +255,18 @@ class FileBackend(ObjectBackend):
                                  "pick a writable path (file:///some/dir) or fix its permissions") from e
         return True
 
+    def check_writable(self) -> None:
+        """Create the directory, write and delete a probe file, then remove the directories it had to create."""
+        missing = [p for p in [self.root, *self.root.parents] if not p.exists()]
+        try:
+            super().check_writable()
+        finally:
+            for p in missing:  # deepest first
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+
     def put_bytes(self, key: str, data) -> None:
         _atomic_write(self._path(key), data)
 
@@ -190,6 +289,14 @@ class FileBackend(ObjectBackend):
         return HashingWriter(f, commit, abort)
 
     def get_bytes(self, key: str) -> bytearray:
+        return self._read(key, None)
+
+    def get_bytes_hashed(self, key: str) -> tuple[bytearray, str]:
+        h = hashlib.sha256()
+        return self._read(key, h), h.hexdigest()
+
+    def _read(self, key: str, h) -> bytearray:
+        """Read the whole file into one buffer, hashing each chunk right after it is read (when given h)."""
         path = self._path(key)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -197,9 +304,11 @@ class FileBackend(ObjectBackend):
                 buf = bytearray(size)
                 view, got = memoryview(buf), 0
                 while got < size:
-                    n = f.readinto(view[got:])
+                    n = f.readinto(view[got : got + _HASH_CHUNK])
                     if not n:
                         break
+                    if h is not None:
+                        h.update(view[got : got + n])
                     got += n
                 return buf if got == size else buf[:got]
         except FileNotFoundError as e:
@@ -238,6 +347,24 @@ class FileBackend(ObjectBackend):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def read_range(self, key: str, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                f.seek(offset)
+                got, view = 0, memoryview(buf)
+                while got < length:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except FileNotFoundError as e:
+            raise ObjectNotFoundError(f"{self.url(key)} does not exist") from e
+        if got != length:
+            raise CorruptObjectError(f"{self.url(key)} is shorter than expected: {offset + got} bytes, needed "
+                                     f"{offset + length}; the object is truncated", key=key)
+        return buf
 
     def iter_chunks(self, key: str) -> Iterator[bytes]:
         try:
@@ -283,7 +410,8 @@ class S3Backend(ObjectBackend):
 
     def __init__(self, bucket: str, prefix: str, settings: S3Settings):
         import urllib3
-        from minio import Minio
+
+        from flashops.storage._minio_compat import Client
 
         self.bucket, self.prefix, self.settings = bucket, prefix.strip("/"), settings
         # Our own pool: sized for the parallel transfers, and retries=False because retrying is ours
@@ -297,7 +425,7 @@ class S3Backend(ObjectBackend):
             ca_certs=settings.ca_bundle or _default_ca_bundle() if settings.secure else None,
         )
         try:
-            self.client = Minio(
+            self.client = Client(
                 settings.endpoint,
                 access_key=settings.access_key,
                 secret_key=settings.secret_key,
@@ -311,6 +439,8 @@ class S3Backend(ObjectBackend):
         self._ready_lock = threading.Lock()
         self._ready = False
         self._pool: ThreadPoolExecutor | None = None
+        # enough idle part buffers for the parts in flight of the shard files DCP writes at once
+        self.buffers = BufferPool(keep=4 * (settings.parallelism + 1))
 
     # -- naming
     def _key(self, key: str) -> str:
@@ -422,16 +552,36 @@ class S3Backend(ObjectBackend):
 
     # -- operations
     def put_bytes(self, key: str, data) -> None:
+        """Upload bytes already in memory: one PUT, or parts sent straight from `data` (no copy)."""
+        from flashops.storage import _minio_compat as minio_compat
+
         data = memoryview(data).cast("B")
-        s = self.settings
+        plan = transfer_plan(len(data), self.settings)
+        obj, signed = self._key(key), self.settings.signed_payload
+        if plan.concurrency == 1 and len(data) <= plan.part_size:
+            self._call(f"upload {self.url(key)}",
+                       lambda: minio_compat.put_object(self.client, self.bucket, obj, data, signed))
+            return
+        upload_id = self._call(f"start upload of {self.url(key)}",
+                               lambda: minio_compat.create_multipart_upload(self.client, self.bucket, obj))
+        try:
+            def part(item) -> tuple[int, str]:
+                number, (offset, n) = item
+                body = data[offset : offset + n]
+                return number, self._call(f"upload part {number} of {self.url(key)}",
+                                          lambda: minio_compat.upload_part(self.client, self.bucket, obj, body,
+                                                                           upload_id, number, signed))
 
-        def put():
-            self.client.put_object(
-                self.bucket, self._key(key), io.BytesIO(data), len(data),
-                part_size=s.part_size, num_parallel_uploads=s.parallelism,
-            )
-
-        self._call(f"upload {self.url(key)}", put)
+            with ThreadPoolExecutor(plan.concurrency) as pool:
+                etags = list(pool.map(part, enumerate(plan.ranges(len(data)), start=1)))
+            self._call(f"complete upload of {self.url(key)}",
+                       lambda: minio_compat.complete_multipart_upload(self.client, self.bucket, obj, upload_id, etags))
+        except BaseException:
+            try:
+                minio_compat.abort_multipart_upload(self.client, self.bucket, obj, upload_id)
+            except Exception as e:
+                log.warning("could not abort the multipart upload of %s: %s", self.url(key), e)
+            raise
 
     def open_writer(self, key: str) -> HashingWriter:
         sink = _MultipartSink(self, key)
@@ -452,6 +602,7 @@ class S3Backend(ObjectBackend):
 
         def get():
             resp = self.client.get_object(self.bucket, self._key(key), offset=src, length=length)
+            whole = False
             try:
                 got = 0
                 while got < length:
@@ -459,68 +610,79 @@ class S3Backend(ObjectBackend):
                     if not n:
                         raise TransientStoreError(f"short read of {self.url(key)} at {offset + got}")
                     got += n
+                whole = True
             finally:
-                resp.close()
-                resp.release_conn()
+                if not whole:
+                    resp.close()  # a half-read connection cannot carry the next request
+                resp.release_conn()  # a fully read one goes back to the pool (no new TCP connection per part)
 
         self._call(f"download {self.url(key)}", get)
 
+    def read_range(self, key: str, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        if length:
+            self._get_range(key, memoryview(buf), 0, length, source_offset=offset)
+        return buf
+
     def get_bytes(self, key: str) -> bytearray:
+        return self.get_bytes_hashed(key)[0]
+
+    def get_bytes_hashed(self, key: str) -> tuple[bytearray, str]:
+        """Download with parallel ranged GETs into one buffer, hashing each part, in order, as soon as it
+        has arrived while later parts are still on the wire: one pass over the bytes, no second read."""
         size = self._stat_size(key)
         buf = bytearray(size)
         view = memoryview(buf)
-        part = self.settings.part_size
-        if size <= part:
+        h = hashlib.sha256()
+        plan = transfer_plan(size, self.settings)
+        if plan.concurrency == 1:
             if size:
                 self._get_range(key, view, 0, size)
-            return buf
-        ranges = [(o, min(part, size - o)) for o in range(0, size, part)]
-        with ThreadPoolExecutor(min(self.settings.parallelism, len(ranges))) as pool:
-            for f in [pool.submit(self._get_range, key, view, o, n) for o, n in ranges]:
-                f.result()
-        return buf
+            h.update(view)
+            return buf, h.hexdigest()
+        with ThreadPoolExecutor(plan.concurrency) as pool:
+            jobs = [(o, n, pool.submit(self._get_range, key, view, o, n)) for o, n in plan.ranges(size)]
+            try:
+                for o, n, job in jobs:
+                    job.result()
+                    h.update(view[o : o + n])
+            except BaseException:
+                for _, _, job in jobs:
+                    job.cancel()
+                raise
+        return buf, h.hexdigest()
 
     def iter_chunks(self, key: str) -> Iterator[bytearray]:
-        """The object's parts in order, fetched `parallelism` ahead with ranged GETs."""
+        """The object's parts in order, fetched `concurrency` ahead with ranged GETs."""
         size = self._stat_size(key)
-        part, window = self.settings.part_size, self.settings.parallelism
+        plan = transfer_plan(size, self.settings)
 
-        def fetch(offset: int) -> bytearray:
-            buf = bytearray(min(part, size - offset))
-            self._get_range(key, memoryview(buf), 0, len(buf), source_offset=offset)
+        def fetch(offset: int, n: int) -> bytearray:
+            buf = bytearray(n)
+            self._get_range(key, memoryview(buf), 0, n, source_offset=offset)
             return buf
 
-        offsets = iter(range(0, size, part))
-        with ThreadPoolExecutor(window) as pool:
-            pending = [pool.submit(fetch, o) for o, _ in zip(offsets, range(window))]
+        ranges = iter(plan.ranges(size))
+        with ThreadPoolExecutor(plan.concurrency) as pool:
+            # islice, not zip(ranges, range(k)): zip would draw one range too many and drop it
+            pending = [pool.submit(fetch, o, n) for o, n in itertools.islice(ranges, plan.concurrency)]
             while pending:
                 chunk = pending.pop(0).result()
-                nxt = next(offsets, None)
+                nxt = next(ranges, None)
                 if nxt is not None:
-                    pending.append(pool.submit(fetch, nxt))
+                    pending.append(pool.submit(fetch, *nxt))
                 yield chunk
 
     def get_to_file(self, key: str, dest: Path) -> tuple[int, str]:
-        """Parallel ranged GETs written in place (memory: one part per worker), then one hashing pass."""
-        size = self._stat_size(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        part = self.settings.part_size
-        with open(dest, "wb") as f:
-            f.truncate(size)
-            fd = f.fileno()
-
-            def fetch(offset: int) -> None:
-                n = min(part, size - offset)
-                buf = bytearray(n)
-                self._get_range(key, memoryview(buf), 0, n, source_offset=offset)
-                os.pwrite(fd, buf, offset)
-
-            with ThreadPoolExecutor(self.settings.parallelism) as pool:
-                list(pool.map(fetch, range(0, size, part)))
+        """Parts fetched in parallel, hashed in order and written in place (one pass; memory: a few parts)."""
+        size = 0
         h = hashlib.sha256()
-        with open(dest, "rb", buffering=0) as f:
-            while chunk := f.read(_HASH_CHUNK):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "wb") as f:
+            for chunk in self.iter_chunks(key):
                 h.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
         return size, h.hexdigest()
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
@@ -552,11 +714,13 @@ class S3Backend(ObjectBackend):
             return False
 
     def _uploads(self, prefix: str) -> list:
+        from flashops.storage import _minio_compat as minio_compat
+
         out, marker = [], None
         for _ in range(100):  # pages of 1000
             page = self._call(f"list unfinished uploads under {self.url(prefix)}",
-                              lambda: self.client._list_multipart_uploads(self.bucket, prefix=self._key(prefix),
-                                                                          key_marker=marker, max_uploads=1000))
+                              lambda: minio_compat.list_multipart_uploads(self.client, self.bucket, self._key(prefix),
+                                                                          key_marker=marker))
             out += page.uploads
             if not page.is_truncated or not page.next_key_marker:
                 break
@@ -568,74 +732,104 @@ class S3Backend(ObjectBackend):
         return sorted(u.object_name[strip:] for u in self._uploads(prefix))
 
     def discard_incomplete(self, prefix: str) -> int:
+        from flashops.storage import _minio_compat as minio_compat
+
         uploads = self._uploads(prefix)
         for u in uploads:
             self._call(f"abort unfinished upload of {u.object_name}",
-                       lambda: self.client._abort_multipart_upload(self.bucket, u.object_name, u.upload_id))
+                       lambda: minio_compat.abort_multipart_upload(self.client, self.bucket, u.object_name,
+                                                                   u.upload_id))
         return len(uploads)
 
 
 class _MultipartSink:
     """Streams one object up while it is being written: every full part goes up at once (in parallel,
-    at most `parallelism` parts in flight per object, which also bounds memory); commit completes the
-    multipart upload, so the object appears all at once or not at all. Small objects use one PUT."""
+    at most `concurrency` parts in flight per object, which also bounds memory); commit completes the
+    multipart upload, so the object appears all at once or not at all. Small objects use one PUT.
+    The bytes are copied once, into a part buffer (reused from the backend's pool), and sent from there."""
 
     def __init__(self, backend: S3Backend, key: str):
         self.b, self.key = backend, key
-        self.part_size = backend.settings.part_size
-        self.buf = bytearray()
+        self.plan = streaming_plan(backend.settings)
+        self.buf: bytearray | None = None
+        self.fill = 0
         self.upload_id: str | None = None
         self.parts: list = []  # (part_number, future -> etag)
-        self.slots = threading.BoundedSemaphore(backend.settings.parallelism)
+        self.slots = threading.BoundedSemaphore(self.plan.concurrency)
+
+    def _part_size(self) -> int:
+        return self.plan.part_size_for(len(self.parts) + 1)
 
     def write(self, mv: memoryview) -> None:
         pos = 0
         while pos < len(mv):
-            take = min(self.part_size - len(self.buf), len(mv) - pos)
-            self.buf += mv[pos : pos + take]
+            if self.buf is None:
+                self.buf, self.fill = self.b.buffers.take(self._part_size()), 0
+            take = min(len(self.buf) - self.fill, len(mv) - pos)
+            self.buf[self.fill : self.fill + take] = mv[pos : pos + take]
+            self.fill += take
             pos += take
-            if len(self.buf) == self.part_size:
-                part, self.buf = self.buf, bytearray()
-                self._submit(part)
+            if self.fill == len(self.buf):
+                self._submit(self.buf, self.fill)
+                self.buf = None
 
-    def _submit(self, part: bytearray) -> None:
+    def _submit(self, part: bytearray, length: int) -> None:
+        from flashops.storage import _minio_compat as minio_compat
+
         b = self.b
         obj = b._key(self.key)
         if self.upload_id is None:
             self.upload_id = b._call(f"start upload of {b.url(self.key)}",
-                                     lambda: b.client._create_multipart_upload(b.bucket, obj, {}))
+                                     lambda: minio_compat.create_multipart_upload(b.client, b.bucket, obj))
         number = len(self.parts) + 1
         self.slots.acquire()
+        upload_id, signed = self.upload_id, b.settings.signed_payload
 
         def upload() -> str:
             try:
+                body = memoryview(part)[:length]
                 return b._call(f"upload part {number} of {b.url(self.key)}",
-                               lambda: b.client._upload_part(b.bucket, obj, bytes(part), None, self.upload_id, number))
+                               lambda: minio_compat.upload_part(b.client, b.bucket, obj, body, upload_id, number,
+                                                                signed))
             finally:
+                b.buffers.give(part)
                 self.slots.release()
 
         self.parts.append((number, b._part_pool().submit(upload)))
 
     def commit(self) -> None:
-        from minio.datatypes import Part
+        from flashops.storage import _minio_compat as minio_compat
 
         b = self.b
-        if self.upload_id is None:
-            b.put_bytes(self.key, self.buf)
+        if self.upload_id is None:  # smaller than one part: a single PUT
+            try:
+                b.put_bytes(self.key, memoryview(self.buf)[: self.fill] if self.buf is not None else b"")
+            finally:
+                self._release_buffer()
             return
         try:
-            if self.buf:
-                self._submit(self.buf)
-                self.buf = bytearray()
-            etags = [Part(n, f.result()) for n, f in self.parts]
+            if self.buf is not None and self.fill:
+                self._submit(self.buf, self.fill)
+                self.buf = None
+            etags = [(n, f.result()) for n, f in self.parts]
             b._call(f"complete upload of {b.url(self.key)}",
-                    lambda: b.client._complete_multipart_upload(b.bucket, b._key(self.key), self.upload_id, etags))
+                    lambda: minio_compat.complete_multipart_upload(b.client, b.bucket, b._key(self.key),
+                                                                   self.upload_id, etags))
         except BaseException:
             self.abort()
             raise
+        finally:
+            self._release_buffer()
+
+    def _release_buffer(self) -> None:
+        if self.buf is not None:
+            self.b.buffers.give(self.buf)
+            self.buf = None
 
     def abort(self) -> None:
-        self.buf = bytearray()
+        from flashops.storage import _minio_compat as minio_compat
+
+        self._release_buffer()
         if self.upload_id is None:
             return
         for _, f in self.parts:
@@ -646,7 +840,7 @@ class _MultipartSink:
             except BaseException:
                 pass
         try:  # best effort: an unfinished upload is invisible anyway and the server expires it
-            self.b.client._abort_multipart_upload(self.b.bucket, self.b._key(self.key), self.upload_id)
+            minio_compat.abort_multipart_upload(self.b.client, self.b.bucket, self.b._key(self.key), self.upload_id)
         except Exception as e:
             log.warning("could not abort the multipart upload of %s: %s", self.b.url(self.key), e)
         self.upload_id = None

@@ -24,9 +24,9 @@ from flashops.storage.errors import StoreError
 T = TypeVar("T")
 
 
-def rank_and_world() -> tuple[int, int]:
+def rank_and_world(group=None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
@@ -34,39 +34,52 @@ def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def _distributed(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def run_everywhere(fn: Callable[[], T], broadcast: bool = False) -> T:
+def same_error(error_type: str, message: str) -> Exception:
+    """Rebuild another rank's StoreError as the same type here, so every rank raises the same typed error
+    (CredentialsError on one rank is CredentialsError on all); other errors become a plain StoreError."""
+    from flashops.storage import errors
+
+    cls = getattr(errors, error_type, None)
+    if isinstance(cls, type) and issubclass(cls, StoreError):
+        return cls(message)
+    return StoreError(f"{error_type}: {message}")
+
+
+def run_everywhere(fn: Callable[[], T], broadcast: bool = False, group=None) -> T:
     """Run fn on every rank; if it fails on any rank, raise on every rank (no rank left waiting in a
-    collective). With broadcast, every rank returns rank 0's result."""
+    collective), as the same typed StoreError. With broadcast, every rank returns rank 0's result.
+    `group`: the process group of the collectives (the async checkpointer's own; default: the world)."""
     result, error = None, None
     try:
         result = fn()
     except Exception as e:  # re-raised below, on every rank
         error = e
-    if not _distributed():
+    if not _distributed(group):
         if error is not None:
             raise error
         return result
-    outcomes: list = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, (None if error is None else f"{type(error).__name__}: {error}", result))
+    outcomes: list = [None] * dist.get_world_size(group)
+    failure = None if error is None else (type(error).__name__, str(error))
+    dist.all_gather_object(outcomes, (failure, result), group=group)
     if error is not None:
         raise error
-    failed = [(r, msg) for r, (msg, _) in enumerate(outcomes) if msg]
+    failed = [(r, f) for r, (f, _) in enumerate(outcomes) if f]
     if failed:
-        rank, msg = failed[0]
-        raise StoreError(f"checkpoint step failed on rank {rank}: {msg}")
+        rank, (error_type, message) = failed[0]
+        raise same_error(error_type, f"checkpoint step failed on rank {rank}: {message}")
     return outcomes[0][1] if broadcast else result
 
 
-def gather_to_rank0(local: Mapping[str, tuple[int, str]]) -> dict[str, tuple[int, str]]:
+def gather_to_rank0(local: Mapping[str, tuple[int, str]], group=None) -> dict[str, tuple[int, str]]:
     """Merge every rank's {key: (size, sha256)}; every rank gets the union (cheap: a few keys per rank)."""
-    if not _distributed():
+    if not _distributed(group):
         return dict(local)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, dict(local))
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, dict(local), group=group)
     merged: dict[str, tuple[int, str]] = {}
     for p in parts:
         merged.update(p)
@@ -113,8 +126,35 @@ def _quiet_single_process():
         yield
 
 
+_crc_lock = threading.Lock()
+_crc_users = 0
+
+
 @contextmanager
-def _store_errors_unwrapped():
+def _no_zip_crc32():
+    """DCP writes each tensor with torch.save, whose zip records carry a CRC32 of the bytes: a second checksum
+    pass (about 0.2 CPU-s per GB here) next to the sha256 the store computes as the bytes stream out and
+    checks on every load. torch.load does not need it (torch.serialization.set_crc32_options says so).
+    The switch is process-wide, so it is held off while any save runs and restored after the last one."""
+    global _crc_users
+    from torch.serialization import get_crc32_options, set_crc32_options
+
+    with _crc_lock:
+        if _crc_users == 0:
+            _no_zip_crc32.previous = get_crc32_options()
+            set_crc32_options(False)
+        _crc_users += 1
+    try:
+        yield
+    finally:
+        with _crc_lock:
+            _crc_users -= 1
+            if _crc_users == 0:
+                set_crc32_options(_no_zip_crc32.previous)
+
+
+@contextmanager
+def _store_errors_unwrapped(group=None):
     """DCP wraps every rank's failure into one CheckpointException; surface our typed StoreError (this
     rank's own if it has one) so callers can catch CorruptObjectError, CredentialsError, ..."""
     from torch.distributed.checkpoint.api import CheckpointException
@@ -122,7 +162,7 @@ def _store_errors_unwrapped():
     try:
         yield
     except CheckpointException as e:
-        rank, _ = rank_and_world()
+        rank, _ = rank_and_world(group)
         store_errors = {r: exc for r, (exc, _tb) in e.failures.items() if isinstance(exc, StoreError)}
         if rank in store_errors:
             raise store_errors[rank] from e
@@ -155,16 +195,18 @@ class _BackendFS(FileSystemBase):
             with self._lock:
                 self.written[key[len(self.prefix):]] = (size, sha)
         elif mode == "rb":
-            data = self.backend.get_bytes(key)
-            if self.expected is not None:
+            if self.expected is None:
+                data = self.backend.get_bytes(key)
+            else:
                 rel = key[len(self.prefix):]
                 entry = self.expected.get(rel)
                 if entry is None:
                     raise StoreError(f"{self.backend.url(key)} is not listed in the manifest of {self.uri}: "
                                      "the checkpoint was modified after it was saved; re-save it")
-                from flashops.storage.store import _check_bytes
+                data, sha = self.backend.get_bytes_hashed(key)  # hashed as it arrives: no second pass
+                from flashops.storage.store import check_object
 
-                _check_bytes(self.backend.url(key), rel, data, entry, self.uri)
+                check_object(self.backend.url(key), rel, len(data), sha, entry, self.uri)
             yield _MemoryReader(data)
         else:
             raise ValueError(f"unsupported mode {mode!r}")
@@ -225,14 +267,15 @@ class _StoreReader(FileSystemReader):
         self.path = prefix.rstrip("/")
 
 
-def save(backend: ObjectBackend, prefix: str, state_dict, thread_count: int = 4) -> dict[str, tuple[int, str]]:
+def save(backend: ObjectBackend, prefix: str, state_dict, thread_count: int = 4,
+         group=None) -> dict[str, tuple[int, str]]:
     """Write this rank's shards (and, on rank 0, DCP's .metadata); return {key: (size, sha256)} written
     by this rank, keys relative to `prefix`."""
     import torch.distributed.checkpoint as dcp
 
     writer = _StoreWriter(backend, prefix, thread_count)
-    with torch.no_grad(), _quiet_single_process(), _store_errors_unwrapped():
-        dcp.save(state_dict, storage_writer=writer, no_dist=not _initialized())
+    with torch.no_grad(), _quiet_single_process(), _store_errors_unwrapped(group), _no_zip_crc32():
+        dcp.save(state_dict, storage_writer=writer, process_group=group, no_dist=not _initialized())
     return writer.fs.written
 
 
@@ -241,3 +284,54 @@ def load(backend: ObjectBackend, prefix: str, state_dict, expected: Mapping | No
 
     with torch.no_grad(), _quiet_single_process(), _store_errors_unwrapped():
         dcp.load(state_dict, storage_reader=_StoreReader(backend, prefix, expected, uri), no_dist=not _initialized())
+
+
+class CheckpointTensors:
+    """One tensor of a DCP checkpoint at a time, for exports that must not hold the model.
+
+        tensors = store.open_tensors(checkpoint_uri)        # reads and checks .metadata only
+        tensors.entries("model.")                           # {"model.norm.weight": (shape, dtype), ...}
+        t = tensors.read("model.norm.weight")               # a full (unsharded) CPU tensor
+
+    `read` fetches only the byte ranges of that tensor's chunks (ranged GETs on S3, one per chunk and rank
+    file), so memory is the tensor plus one chunk in flight, whatever the checkpoint's size. A range read
+    cannot be hashed against the manifest (it records whole shard files): callers check the shards first with
+    `CheckpointStore.verify` (streamed, bounded memory), as `open_tensors(verify=True)` does.
+    """
+
+    def __init__(self, backend: ObjectBackend, prefix: str, expected: Mapping | None, uri: str):
+        self.backend, self.prefix, self.uri = backend, prefix, uri
+        fs = _BackendFS(backend, expected, prefix=prefix, uri=uri)
+        with fs.create_stream(prefix + ".metadata", "rb") as f:
+            self.metadata: Metadata = pickle.loads(f.read())
+
+    def entries(self, prefix: str = "") -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Every tensor whose key starts with `prefix` (the state dict is flattened: "model.<param>"),
+        with its full shape and dtype, in the checkpoint's order."""
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        return {k: (md.size, md.properties.dtype) for k, md in self.metadata.state_dict_metadata.items()
+                if k.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
+
+    def read(self, key: str) -> torch.Tensor:
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise StoreError(f"{self.uri} holds no tensor {key!r}; tensors: see CheckpointTensors.entries()")
+        out = torch.empty(md.size, dtype=md.properties.dtype)
+        for chunk in md.chunks:
+            info = self.metadata.storage_data[MetadataIndex(key, chunk.offsets)]
+            if getattr(info, "transform_descriptors", None):
+                raise StoreError(f"{self.uri}: {key} was saved with DCP transforms {info.transform_descriptors}, "
+                                 "which the streaming reader does not decode; load it with load_checkpoint")
+            raw = self.backend.read_range(self.prefix + info.relative_path, info.offset, info.length)
+            part = torch.load(_MemoryReader(raw), map_location="cpu", weights_only=True)
+            del raw
+            region = out[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))]
+            if region.shape != part.shape:
+                raise StoreError(f"{self.uri}: chunk of {key} at {list(chunk.offsets)} has shape {list(part.shape)}, "
+                                 f"the metadata says {list(chunk.sizes)}; the checkpoint is damaged")
+            region.copy_(part)
+            del part
+        return out

@@ -15,6 +15,7 @@ from flashops.storage.errors import CorruptObjectError
 MANIFEST_NAME = "manifest.json"
 CHECKPOINT_FORMAT = "flashops.checkpoint/v1"
 MODEL_FORMAT = "flashops.model/v1"
+DATASET_FORMAT = "flashops.tokens/v1"  # a prepared (tokenized) dataset: flashops.storage.datasets
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Manifest:
         try:
             doc = json.loads(data)
             objects = {k: ObjectEntry(int(v["size"]), str(v["sha256"])) for k, v in doc.pop("objects").items()}
-            if doc.get("format") not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
+            if doc.get("format") not in (CHECKPOINT_FORMAT, MODEL_FORMAT, DATASET_FORMAT):
                 raise ValueError(f"unknown format {doc.get('format')!r}")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptObjectError(

@@ -21,13 +21,15 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Union
+from typing import Callable, Iterable, Mapping, Union
 from urllib.parse import urlsplit
 
 from flashops.storage.backends import FileBackend, ObjectBackend, S3Backend, sha256_of
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CKPT_URI = re.compile(r"^(?P<root>.+?)/runs/(?P<run>[^/]+)/step-(?P<step>\d+)/?$")
-_MODEL_URI = re.compile(r"^(?P<root>.+?)/models/(?P<name>[^/]+)/(?P<version>[^/]+)/?$")
+# public: the CLI tells a model URI from a checkpoint URI with it
+MODEL_URI = re.compile(r"^(?P<root>.+?)/models/(?P<name>[^/]+)/(?P<version>[^/]+)/?$")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys in `meta` that the manifest records as first-class fields; anything else goes under "extra".
 _META_FIELDS = ("model_config", "spec_hash", "parent", "metrics", "stage", "dataset")
@@ -144,6 +147,12 @@ class CheckpointStore:
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.uri!r})"
+
+    def check_writable(self) -> None:
+        """Raise StoreError now if the store cannot take a write (file://: the directory cannot be created or
+        written; s3://: no bucket, no permission), so a run fails before training, not at its first save.
+        Leaves nothing behind."""
+        self.backend.check_writable()
 
     # ------------------------------------------------------------ naming
     def checkpoint_uri(self, run: str, step: int) -> str:
@@ -305,7 +314,7 @@ class CheckpointStore:
     def verify(self, ref: Ref) -> VerifyReport:
         """Read every object of a checkpoint (or model URI) and check its size and sha256.
         Raises CorruptObjectError naming the first bad object and its expected hash."""
-        if isinstance(ref, ModelRef) or _MODEL_URI.match(str(ref)) and not _CKPT_URI.match(str(ref)):
+        if isinstance(ref, ModelRef) or MODEL_URI.match(str(ref)) and not _CKPT_URI.match(str(ref)):
             name, version = self._resolve_model(ref)
             prefix = f"models/{name}/{version}/"
             manifest = self._model_manifest_or_raise(name, version)
@@ -316,9 +325,12 @@ class CheckpointStore:
 
     # ------------------------------------------------------------ save / load (torch, lazily)
     def save_checkpoint(self, run: str, step: int, state_dict, meta: Mapping | None = None, *,
-                        overwrite: bool = False, thread_count: int | None = None) -> CheckpointRef:
+                        overwrite: bool = False, thread_count: int | None = None, process_group=None) -> CheckpointRef:
         """Save a (possibly DTensor-sharded) state dict. EVERY rank calls this; each rank writes its own
-        shards in parallel, rank 0 writes the manifest last, and every rank returns the same ref."""
+        shards in parallel, rank 0 writes the manifest last, and every rank returns the same ref.
+        A failure on any rank raises the same typed StoreError on every rank. `process_group`: where the
+        save's collectives run (the async Checkpointer's own group; default: the world).
+        To save without stopping training, see flashops.storage.checkpointer.Checkpointer."""
         from flashops.storage import dcp
 
         _check_name("run", run)
@@ -326,7 +338,7 @@ class CheckpointStore:
         fields = _meta_fields(meta)
         prefix = self._step_prefix(run, step)
         uri = self.checkpoint_uri(run, step)
-        rank, world = dcp.rank_and_world()
+        rank, world = dcp.rank_and_world(process_group)
 
         def prepare() -> None:
             if rank != 0:
@@ -346,11 +358,11 @@ class CheckpointStore:
                             len(leftovers), unfinished, uri)
                 self.backend.delete(leftovers)
 
-        dcp.run_everywhere(prepare)
+        dcp.run_everywhere(prepare, group=process_group)
         if thread_count is None:
             thread_count = 4 if isinstance(self.backend, S3Backend) else 2
-        written = dcp.save(self.backend, prefix, state_dict, thread_count=thread_count)
-        objects = dcp.gather_to_rank0(written)
+        written = dcp.save(self.backend, prefix, state_dict, thread_count=thread_count, group=process_group)
+        objects = dcp.gather_to_rank0(written, group=process_group)
 
         def finish() -> str:
             if rank != 0:
@@ -362,7 +374,7 @@ class CheckpointStore:
             )
             return self._write_manifest(prefix, manifest)
 
-        manifest_sha = dcp.run_everywhere(finish, broadcast=True)
+        manifest_sha = dcp.run_everywhere(finish, broadcast=True, group=process_group)
         return CheckpointRef(run, step, uri, manifest_sha, "")
 
     def load_checkpoint(self, ref: Ref, state_dict, *, verify: bool = True) -> CheckpointMeta:
@@ -376,6 +388,19 @@ class CheckpointStore:
         dcp.load(self.backend, prefix, state_dict, manifest.objects if verify else None,
                  uri=self.checkpoint_uri(run, step))
         return _meta_from_manifest(self.checkpoint_uri(run, step), manifest)
+
+    def open_tensors(self, ref: Ref, *, verify: bool = True):
+        """A reader of the checkpoint's tensors one at a time (flashops.storage.dcp.CheckpointTensors), for
+        exports that never hold the whole model. verify=True first re-hashes every shard against the
+        manifest, streamed (the reader's range reads cannot be hashed on their own)."""
+        from flashops.storage import dcp
+
+        run, step = self._resolve(ref)
+        manifest = self._manifest_or_raise(run, step)
+        prefix, uri = self._step_prefix(run, step), self.checkpoint_uri(run, step)
+        if verify:
+            self._verify_objects(prefix, manifest, uri)
+        return dcp.CheckpointTensors(self.backend, prefix, manifest.objects, uri)
 
     def meta(self, ref: Ref) -> CheckpointMeta:
         run, step = self._resolve(ref)
@@ -441,7 +466,7 @@ class CheckpointStore:
     def _resolve_model(self, ref) -> tuple[str, str]:
         if isinstance(ref, ModelRef):
             return ref.name, ref.version
-        m = _MODEL_URI.match(str(ref))
+        m = MODEL_URI.match(str(ref))
         if not m:
             raise StoreConfigError(f"model reference {ref!r} is not a model URI: expected <store>/models/<name>/"
                                    f"<version>, e.g. {self.model_uri('joyai-flash', 'v1')}")
@@ -458,19 +483,12 @@ class CheckpointStore:
                 f"no exported model at {self.model_uri(name, version)} (no {MANIFEST_NAME}); export it first"
             ) from e
 
-    def export_model(self, name: str, version: str, files: Mapping[str, Union[str, Path, bytes]] | Iterable[Path],
-                     meta: Mapping | None = None, *, overwrite: bool = False) -> ModelRef:
-        """Upload model files (e.g. model.safetensors, config.json, tokenizer.json) under
-        models/<name>/<version>/ in parallel, then their manifest last."""
+    def begin_model(self, name: str, version: str, *, overwrite: bool = False) -> "ModelWriter":
+        """Start writing an exported model under models/<name>/<version>/: stream each file with
+        `writer.open(rel)` (or `put`), then `writer.commit(meta)` writes the manifest LAST. Until then the model
+        does not exist (a crash leaves objects without a manifest, which the next export clears)."""
         _check_name("name", name)
         _check_name("version", version)
-        if not isinstance(files, Mapping):
-            files = {Path(f).name: Path(f) for f in files}
-        if not files:
-            raise StoreConfigError("files is empty: pass {'model.safetensors': path, ...}")
-        for rel in files:
-            if rel == MANIFEST_NAME or rel.startswith("/") or ".." in rel.split("/"):
-                raise StoreConfigError(f"file name {rel!r} is not allowed in a model: use a relative name")
         prefix = f"models/{name}/{version}/"
         self.backend.ensure_ready(for_write=True)
         existing = [o.key for o in self.backend.list(prefix)]
@@ -481,22 +499,31 @@ class CheckpointStore:
             self.backend.delete([prefix + MANIFEST_NAME])
         if existing:
             self.backend.delete([k for k in existing if k != prefix + MANIFEST_NAME])
+        self.backend.discard_incomplete(prefix)
+        return ModelWriter(self, name, version, prefix)
 
-        def upload(item) -> tuple[str, ObjectEntry]:
+    def export_model(self, name: str, version: str, files: Mapping[str, Union[str, Path, bytes]] | Iterable[Path],
+                     meta: Mapping | None = None, *, overwrite: bool = False) -> ModelRef:
+        """Upload model files (e.g. model.safetensors, config.json, tokenizer.json) under
+        models/<name>/<version>/ in parallel, then their manifest last."""
+        if not isinstance(files, Mapping):
+            files = {Path(f).name: Path(f) for f in files}
+        if not files:
+            raise StoreConfigError("files is empty: pass {'model.safetensors': path, ...}")
+        for rel in files:
+            _check_rel(rel)
+        writer = self.begin_model(name, version, overwrite=overwrite)
+
+        def upload(item) -> None:
             rel, src = item
             if isinstance(src, (bytes, bytearray, memoryview)):
-                self.backend.put_bytes(prefix + rel, src)
-                return rel, ObjectEntry(len(src), sha256_of(src))
-            if not Path(src).is_file():
-                raise StoreConfigError(f"files[{rel!r}] = {str(src)!r} is not a file")
-            return rel, ObjectEntry(*self.backend.put_file(prefix + rel, Path(src)))
+                writer.put(rel, src)
+            else:
+                writer.put_file(rel, src)
 
         with ThreadPoolExecutor(4) as pool:
-            objects = dict(pool.map(upload, files.items()))
-        manifest = Manifest({"format": MODEL_FORMAT, "name": name, "version": version, "created": _now(),
-                             "meta": dict(meta or {})}, objects)
-        sha = self._write_manifest(prefix, manifest)
-        return ModelRef(name, version, self.model_uri(name, version), sha)
+            list(pool.map(upload, files.items()))
+        return writer.commit(meta)
 
     def list_models(self) -> list[ModelRef]:
         if not self.backend.ensure_ready(for_write=False):
@@ -515,9 +542,10 @@ class CheckpointStore:
         doc["manifest_sha256"] = m.sha256
         return doc
 
-    def fetch_model(self, ref, dest: Union[str, Path]) -> Path:
+    def fetch_model(self, ref, dest: Union[str, Path], only: Callable[[str], bool] | None = None) -> Path:
         """Download an exported model into `dest` (a directory), checking every file's sha256; files
-        already in `dest` with the right hash are not downloaded again. Returns `dest`."""
+        already in `dest` with the right hash are not downloaded again. `only(rel)`: fetch just the files it
+        accepts (e.g. one variant of the export). Returns `dest`."""
         name, version = self._resolve_model(ref)
         manifest = self._model_manifest_or_raise(name, version)
         prefix = f"models/{name}/{version}/"
@@ -528,6 +556,7 @@ class CheckpointStore:
         def fetch(item: tuple[str, ObjectEntry]) -> None:
             rel, entry = item
             target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
             if target.is_file() and target.stat().st_size == entry.size and _file_sha256(target) == entry.sha256:
                 return  # already fetched (a restarted predictor): keep it
             # Download next to the target, check, then rename: a bad or half download never sits at `target`.
@@ -543,10 +572,75 @@ class CheckpointStore:
             finally:
                 tmp.unlink(missing_ok=True)
 
+        wanted = [item for item in manifest.objects.items() if only is None or only(item[0])]
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(fetch, manifest.objects.items()))
+            list(pool.map(fetch, wanted))
         (dest / MANIFEST_NAME).write_bytes(manifest.to_bytes())
         return dest
+
+
+class ModelWriter:
+    """Files of one exported model, streamed into the store; the manifest is written last (`commit`).
+
+        writer = store.begin_model("chat", "v1")
+        with writer.open("model-00001-of-00002.safetensors") as f:   # a file-like writer, hashed as it goes
+            f.write(header); f.write(tensor_bytes)
+        writer.put("config.json", b"{...}")
+        ref = writer.commit({"checkpoint": uri})
+    """
+
+    def __init__(self, store: CheckpointStore, name: str, version: str, prefix: str):
+        self.store, self.name, self.version, self.prefix = store, name, version, prefix
+        self.objects: dict[str, ObjectEntry] = {}
+        self._lock = threading.Lock()
+
+    def _record(self, rel: str, entry: ObjectEntry) -> None:
+        with self._lock:
+            if rel in self.objects:
+                raise StoreConfigError(f"{rel!r} was already written to this model")
+            self.objects[rel] = entry
+
+    @contextmanager
+    def open(self, rel: str):
+        _check_rel(rel)
+        stream = self.store.backend.open_writer(self.prefix + rel)
+        try:
+            yield stream
+        except BaseException:
+            stream.abort()
+            raise
+        self._record(rel, ObjectEntry(*stream.commit()))
+
+    def put(self, rel: str, data) -> None:
+        _check_rel(rel)
+        self.store.backend.put_bytes(self.prefix + rel, data)
+        self._record(rel, ObjectEntry(len(data), sha256_of(data)))
+
+    def put_file(self, rel: str, src: Union[str, Path]) -> None:
+        _check_rel(rel)
+        if not Path(src).is_file():
+            raise StoreConfigError(f"files[{rel!r}] = {str(src)!r} is not a file")
+        self._record(rel, ObjectEntry(*self.store.backend.put_file(self.prefix + rel, Path(src))))
+
+    def commit(self, meta: Mapping | None = None) -> ModelRef:
+        if not self.objects:
+            raise StoreConfigError("an exported model needs at least one file")
+        manifest = Manifest({"format": MODEL_FORMAT, "name": self.name, "version": self.version, "created": _now(),
+                             "meta": dict(meta or {})}, dict(self.objects))
+        sha = self.store._write_manifest(self.prefix, manifest)
+        return ModelRef(self.name, self.version, self.store.model_uri(self.name, self.version), sha)
+
+    def abort(self) -> None:
+        """Remove what was written (no manifest was): for a failed export."""
+        self.store.backend.delete([self.prefix + rel for rel in self.objects])
+        self.objects.clear()
+
+
+def _check_rel(rel: str) -> None:
+    if not isinstance(rel, str) or not rel or rel == MANIFEST_NAME or rel.startswith("/") \
+            or ".." in rel.split("/") or "" in rel.split("/"):
+        raise StoreConfigError(f"file name {rel!r} is not allowed in a model: use a relative name such as "
+                               "'config.json' or 'int4/config.json'")
 
 
 def _file_sha256(path: Path) -> str:
@@ -557,13 +651,13 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_bytes(url: str, key: str, data, entry: ObjectEntry, owner_uri: str) -> None:
-    actual = sha256_of(data)
-    if len(data) != entry.size or actual != entry.sha256:
+def check_object(url: str, key: str, size: int, sha256: str, entry: ObjectEntry, owner_uri: str) -> None:
+    """Raise CorruptObjectError unless (size, sha256) is what the manifest recorded for the object."""
+    if size != entry.size or sha256 != entry.sha256:
         raise CorruptObjectError(
-            f"{url} is corrupt: expected {entry.size} bytes with sha256 {entry.sha256}, got {len(data)} bytes with "
-            f"sha256 {actual}; {owner_uri} cannot be trusted: resume from an older checkpoint "
-            "(flashops checkpoints list) or re-export", key=key, expected_sha256=entry.sha256, actual_sha256=actual)
+            f"{url} is corrupt: expected {entry.size} bytes with sha256 {entry.sha256}, got {size} bytes with "
+            f"sha256 {sha256}; {owner_uri} cannot be trusted: resume from an older checkpoint "
+            "(flashops checkpoints list) or re-export", key=key, expected_sha256=entry.sha256, actual_sha256=sha256)
 
 
 def _meta_fields(meta: Mapping | None) -> dict:
@@ -636,14 +730,14 @@ def split_checkpoint_uri(uri: str) -> tuple[str, str, int]:
 
 
 def exported_model_uri(checkpoint_uri: str) -> str:
-    """Where the serving export of a checkpoint lives: <store>/runs/<run>/step-<n> -> <store>/models/<run>/step-<n>.
+    """<store>/runs/<run>/step-<n> -> <store>/models/<run>/step-<n>; a model URI unchanged. The rule (and the
+    name a pipeline's export takes) is flashops.api.pipeline.export_location; this raises StoreConfigError."""
+    from flashops.api.pipeline import export_location
 
-    The trainer writes it when a run finishes (`python -m flashops.trainers`, `flashops run`); the operator
-    points a ModelDeployment's predictor at it. A model URI is returned unchanged."""
-    if _MODEL_URI.match(str(checkpoint_uri)):
-        return str(checkpoint_uri)
-    root, run, step = split_checkpoint_uri(checkpoint_uri)
-    return f"{root}/models/{run}/step-{step}"
+    try:
+        return export_location(checkpoint_uri)
+    except ValueError as e:
+        raise StoreConfigError(str(e)) from None
 
 
 def load_checkpoint(uri: str, state_dict, **kw) -> CheckpointMeta:
@@ -652,9 +746,10 @@ def load_checkpoint(uri: str, state_dict, **kw) -> CheckpointMeta:
     return open_store(root).load_checkpoint(uri, state_dict, **kw)
 
 
-def fetch_model(uri: str, dest: Union[str, Path]) -> Path:
-    """Download and verify an exported model given only its URI (<store>/models/<name>/<version>)."""
-    m = _MODEL_URI.match(str(uri))
+def fetch_model(uri: str, dest: Union[str, Path], only: Callable[[str], bool] | None = None) -> Path:
+    """Download and verify an exported model given only its URI (<store>/models/<name>/<version>); `only(rel)`
+    picks the files to fetch (default: all)."""
+    m = MODEL_URI.match(str(uri))
     if not m:
         raise StoreConfigError(f"{uri!r} is not a model URI: expected <store>/models/<name>/<version>")
-    return open_store(m["root"]).fetch_model(uri, dest)
+    return open_store(m["root"]).fetch_model(uri, dest, only)

@@ -6,12 +6,11 @@ the checkpoint a run starts from, the process count. One error names the field, 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from flashops.api.spec import LINEAGE_PREFIX, TrainingRun
-from flashops.trainers.corpora import DEFAULT_DATA, open_dataset
+from flashops.api.spec import TrainingRun
+from flashops.trainers.corpora import open_dataset
 from flashops.trainers.errors import DataError, SpecValueError
 
 
@@ -27,18 +26,12 @@ class Plan:
     dtype: Any
 
     def start_lineage(self, lineage, run: TrainingRun):
-        ds = lineage.upsert_dataset(self.data_uri)
+        from flashops.trainers.corpora import lineage_identity
+
+        ds = lineage.upsert_dataset(**lineage_identity(self.dataset, self.data_uri))
         pipeline = run.metadata.labels.get("flashops.dev/pipeline")
         return lineage.start_run(run.metadata.name, "TrainingRun", run.spec.stage, run.spec.to_dict(), run.spec_hash(),
                                  consumed=[ds], initialized_from=self.init_uri, pipeline=pipeline)
-
-
-_ALIASES = {"num_layers": "n_layers", "num_heads": "n_heads", "num_dense_layers": "n_dense_layers"}
-
-
-def _snake(key: str) -> str:
-    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
-    return _ALIASES.get(snake, snake)
 
 
 def _fail(field: str, value, fix: str):
@@ -46,58 +39,58 @@ def _fail(field: str, value, fix: str):
 
 
 def resolve_checkpoint(ref: str, store, lineage, field: str) -> str:
-    """A checkpoint URI for `ref` (a URI, a run name or lineage:<id>), checked to exist."""
+    """A checkpoint URI for `ref` (a URI, a run/pipeline name or lineage:<id>; flashops.api.references, the
+    resolver the operator and the serving loader use too), checked to exist."""
+    from flashops.api.references import UnresolvedReference, is_uri, resolve_reference
     from flashops.storage import StoreError, open_store, split_checkpoint_uri
 
-    if ref.startswith(("file://", "s3://")):
+    def latest(run_name: str) -> str | None:
+        found = store.latest(run_name) if store is not None else None
+        return found.uri if found is not None else None
+
+    try:
+        art = resolve_reference(ref, lineage=lineage, latest_checkpoint=latest)
+    except UnresolvedReference as e:
+        raise DataError(f"spec.{field} = {ref!r}: no checkpoint found for it: {e}") from e
+    if not art.checkpoint_uri:
+        raise DataError(f"spec.{field} = {ref!r}: that is a serving export ({art.model_uri}), not a checkpoint; "
+                        "give the checkpoint it was exported from (flashops lineage show) or a run name")
+    if is_uri(ref):
         try:
-            root, run, step = split_checkpoint_uri(ref)
-            open_store(root).meta(ref)
+            root, _, _ = split_checkpoint_uri(art.checkpoint_uri)
+            open_store(root).meta(art.checkpoint_uri)
         except StoreError as e:
             raise DataError(f"spec.{field} = {ref!r}: no complete checkpoint there ({e}); "
                             "check the URI (flashops checkpoints list)") from e
-        return ref
-    if ref.startswith(LINEAGE_PREFIX) or lineage is not None:
-        if lineage is not None:
-            try:
-                found = lineage.resolve(ref)
-            except Exception as e:  # NotFound and friends: say what to do
-                if ref.startswith(LINEAGE_PREFIX) or store is None:
-                    raise DataError(f"spec.{field} = {ref!r}: lineage does not know it ({e}); run that stage first "
-                                    "or give a checkpoint URI") from e
-                found = None
-            uri = (found or {}).get("checkpoint", {}) or {}
-            uri = uri.get("uri") if isinstance(uri, dict) else None
-            if uri:
-                return uri
-    if store is not None and not ref.startswith(LINEAGE_PREFIX):
-        latest = store.latest(ref)
-        if latest is not None:
-            return latest.uri
-    raise DataError(f"spec.{field} = {ref!r}: no checkpoint found for it (not in lineage, no run of that name in "
-                    f"the store {getattr(store, 'uri', None)}); run that stage first or give a checkpoint URI")
+    return art.checkpoint_uri
+
+
+def model_config_of(run: TrainingRun):
+    """The JoyAIConfig a run trains: its preset with its overrides (snake_case or camelCase), through the same
+    validator as flashops validate and the operator (flashops.api.architecture)."""
+    from flashops.api.architecture import ConfigError, get_config
+
+    try:
+        return get_config(run.spec.model.preset, run.spec.model.overrides)
+    except ConfigError as e:
+        raise SpecValueError(f"spec.model.overrides: {e}") from e
 
 
 def preflight(run: TrainingRun, store=None, lineage=None, *, check_init: bool = True) -> Plan:
     """check_init=False: a pipeline stage whose initFrom is the previous stage's (not yet trained) output."""
     import torch
 
-    from flashops.model.config import ConfigError, get_config
+    from flashops.api.loader import model_fit_problems
     from flashops.model.tokenizer import load_tokenizer
 
     spec = run.spec
     tr = spec.training
-    try:  # YAML spells fields in camelCase (numLayers); the model config in snake_case (n_layers)
-        overrides = {_snake(k): v for k, v in spec.model.overrides.items()}
-        cfg = get_config(spec.model.preset, overrides)
-    except ConfigError as e:
-        raise SpecValueError(f"spec.model.overrides: {e}") from e
+    cfg = model_config_of(run)
+    for field, value, fix in model_fit_problems(spec, cfg):  # the checks flashops validate makes too
+        _fail(field, value, fix)
     vocab = load_tokenizer().get_vocab_size()
-    if cfg.vocab_size < vocab:
+    if cfg.vocab_size < vocab:  # TOKENIZER_VOCAB_SIZE above is pinned to it; this guards a swapped tokenizer
         _fail("model.overrides.vocabSize", cfg.vocab_size, f"the tokenizer has {vocab} tokens; use vocabSize >= {vocab}")
-    if tr.seq_len > cfg.max_seq_len:
-        _fail("training.seqLen", tr.seq_len, f"longer than the model's max_seq_len {cfg.max_seq_len}; lower seqLen "
-              "or set model.overrides.maxSeqLen")
     micro = tr.micro_batch_size or tr.batch_size
     if micro > tr.batch_size:
         _fail("training.microBatchSize", micro, f"larger than batchSize {tr.batch_size}; use a divisor of it")
@@ -110,10 +103,6 @@ def preflight(run: TrainingRun, store=None, lineage=None, *, check_init: bool = 
         pass  # saving only at the end is fine
     updates = 1
     reference_uri = None
-    if spec.stage == "pretrain":
-        if spec.pretrain.mtp_weight > 0 and cfg.num_mtp_layers == 0:
-            _fail("pretrain.mtpWeight", spec.pretrain.mtp_weight, "the model has no MTP layer (numMtpLayers: 0); "
-                  "set mtpWeight: 0")
     if spec.stage == "rl":
         rl = spec.rl
         updates = rl.updates_per_batch
@@ -139,13 +128,11 @@ def preflight(run: TrainingRun, store=None, lineage=None, *, check_init: bool = 
                   f"needs {spec.parallelism.world_size} processes; launch with `torchrun --nproc-per-node "
                   f"{spec.parallelism.procs_per_node} -m flashops.trainers --spec FILE`, or set procsPerNode: 1")
         _fail("parallelism", spec.parallelism.world_size, f"torchrun started {world} processes; make them agree")
-    if spec.parallelism.ep > 1 and cfg.num_experts % spec.parallelism.ep:
-        _fail("parallelism.ep", spec.parallelism.ep, f"must divide the model's {cfg.num_experts} experts")
     if tr.dtype == "bfloat16" or (tr.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         dtype = torch.bfloat16
     else:
         dtype = torch.float32
-    data_uri = spec.data.uri if spec.data else DEFAULT_DATA[spec.stage]
+    data_uri = spec.data_uri
     dataset = open_dataset(data_uri, spec.stage, tr.seed, spec.data.format if spec.data else "auto",
                            spec.stage_params)
     init_uri = resolve_checkpoint(spec.init_from, store, lineage, "initFrom") if spec.init_from and check_init else None

@@ -1,15 +1,19 @@
 """The paper's difficulty curriculum for RL prompts (DESIGN.md, "The training pipeline").
 
-    target   mu_t = 0.8 + (0.2 - 0.8) * t / T              (easy prompts first, harder ones later)
+    target   mu_t = 0.8 + (0.2 - 0.8) * t / (T - 1)    (t = 0..T-1: 0.8 at the first step, 0.2 at the last)
     weight   w_i  = exp(-0.5 * ((p_i - mu_t) / 0.15) ** 2)  (p_i: the prompt's pass rate)
-    group    a domain g is chosen with probability proportional to sqrt(N_g)
+    group    a domain g is chosen with probability proportional to sqrt(N_g) (N_g: its active prompts)
 
     sampler = CurriculumSampler(groups=["arithmetic", "sorting", ...], total_steps=T)
+    sampler.set_profile(rates, rollouts=10, drop_solved=True)   # once, before step 0 (the paper's profiling)
     idx = sampler.sample(step, n=8, seed=0)     # prompt indices; then, after the rollouts:
-    sampler.update(idx, pass_rates)             # observed per-prompt pass rates (group means)
+    sampler.update(idx, pass_rates, rollouts=8) # observed per-prompt pass rates (group means)
 
-Pass rates start unknown (0.5) and become the running mean of what the rollouts observe. Sampling is a
-pure function of (seed, step, pass rates), so saving `state_dict()` is enough for an exact resume.
+As published, pass rates are first profiled with K rollouts of the starting checkpoint and prompts it
+already solves (K of K right) are dropped; without a profile they start unknown (0.5). Either way they
+become the running mean of every rollout seen (the profile counts as its K rollouts). Sampling is a pure
+function of (seed, step, pass rates, active prompts), so saving `state_dict()` (the profile included) is
+enough for an exact resume that does not profile again.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ MU_START, MU_END, WIDTH, PRIOR = 0.8, 0.2, 0.15, 0.5
 
 
 def target_pass_rate(step: int, total_steps: int) -> float:
-    return MU_START + (MU_END - MU_START) * step / max(total_steps, 1)
+    """mu_t for step t = 0..T-1: MU_START at the first step, MU_END at the last (t = T - 1)."""
+    return MU_START + (MU_END - MU_START) * min(step, total_steps - 1) / max(total_steps - 1, 1)
 
 
 def prompt_weight(pass_rate, mu: float):
@@ -40,12 +45,18 @@ class CurriculumSampler:
         self.groups = list(groups)
         self.total_steps = total_steps
         self.enabled = enabled
+        self.pass_rate = torch.full((len(groups),), PRIOR, dtype=torch.float64)
+        self.seen = torch.zeros(len(groups), dtype=torch.float64)  # rollouts observed per prompt
+        self.active = torch.ones(len(groups), dtype=torch.bool)    # False: dropped (solved when profiled)
+        self.profiled = False
+        self._index()
+
+    def _index(self) -> None:
         self.members: dict[str, list[int]] = defaultdict(list)
         for i, g in enumerate(self.groups):
-            self.members[g].append(i)
+            if self.active[i]:
+                self.members[g].append(i)
         self.names = sorted(self.members)
-        self.pass_rate = torch.full((len(groups),), PRIOR, dtype=torch.float64)
-        self.seen = torch.zeros(len(groups), dtype=torch.float64)
 
     def group_probs(self) -> dict[str, float]:
         z = sum(math.sqrt(len(self.members[g])) for g in self.names)
@@ -54,10 +65,35 @@ class CurriculumSampler:
     def weights(self, step: int) -> torch.Tensor:
         return prompt_weight(self.pass_rate, target_pass_rate(step, self.total_steps))
 
+    def set_profile(self, pass_rates, rollouts: int, drop_solved: bool = True,
+                    indices: list[int] | None = None) -> int:
+        """The profile of the starting policy: pass rates of `indices` (default: every prompt) from `rollouts`
+        rollouts each. Prompts not profiled leave the pool; with drop_solved so do those solved every time.
+        Returns how many profiled prompts were dropped as solved (none when that would empty the pool)."""
+        idx = list(range(len(self.groups))) if indices is None else list(indices)
+        rates = torch.as_tensor(pass_rates, dtype=torch.float64)
+        if rates.shape != (len(idx),):
+            raise ValueError(f"{rates.shape[0] if rates.dim() else 0} pass rates for {len(idx)} profiled prompts")
+        keep = torch.zeros(len(self.groups), dtype=torch.bool)
+        keep[idx] = True
+        self.pass_rate[idx] = rates
+        self.seen[idx] = float(rollouts)
+        solved = torch.zeros(len(self.groups), dtype=torch.bool)
+        solved[idx] = rates >= 1.0
+        dropped = 0
+        if drop_solved and bool((keep & ~solved).any()):
+            dropped = int((keep & solved).sum())
+            keep &= ~solved
+        self.active = keep
+        self.profiled = True
+        self._index()
+        return dropped
+
     def sample(self, step: int, n: int, seed: int = 0) -> list[int]:
         rng = random.Random(f"curriculum:{seed}:{step}")
         if not self.enabled:
-            return [rng.randrange(len(self.groups)) for _ in range(n)]
+            pool = [i for i in range(len(self.groups)) if self.active[i]]
+            return [pool[rng.randrange(len(pool))] for _ in range(n)]
         probs = self.group_probs()
         w = self.weights(step)
         out = []
@@ -68,14 +104,19 @@ class CurriculumSampler:
             out.append(rng.choices(idx, weights=gw)[0])
         return out
 
-    def update(self, indices: list[int], pass_rates: list[float]) -> None:
+    def update(self, indices: list[int], pass_rates: list[float], rollouts: int = 1) -> None:
+        """Online update: each prompt's pass rate is the mean over every rollout seen (profile included)."""
         for i, p in zip(indices, pass_rates):
-            self.seen[i] += 1
-            self.pass_rate[i] += (p - self.pass_rate[i]) / self.seen[i] if self.seen[i] > 1 else p - self.pass_rate[i]
+            self.seen[i] += rollouts
+            self.pass_rate[i] += (p - self.pass_rate[i]) * rollouts / self.seen[i]
 
     def state_dict(self) -> dict:
-        return {"pass_rate": self.pass_rate.clone(), "seen": self.seen.clone()}
+        return {"pass_rate": self.pass_rate.clone(), "seen": self.seen.clone(),
+                "active": self.active.clone(), "profiled": torch.tensor(int(self.profiled))}
 
     def load_state_dict(self, state: dict) -> None:
         self.pass_rate.copy_(state["pass_rate"])
         self.seen.copy_(state["seen"])
+        self.active = state["active"].clone().bool()
+        self.profiled = bool(int(state["profiled"]))
+        self._index()

@@ -17,3 +17,12 @@ class DataError(TrainerError, ValueError):
 
 class ResumeError(TrainerError):
     """A checkpoint exists but does not fit this run (another spec, model or world size)."""
+
+
+class DivergedError(TrainerError):
+    """A non-finite loss or gradient norm: the run stops before the optimizer applies it, and nothing after the
+    last finite step is saved. Deterministic for the spec (a retry diverges again), hence a TrainerError."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step

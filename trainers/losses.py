@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from flashops.api.spec import FIBERPO_C_PLUS_SHARE  # the default C+/C- split, decided in the spec
+
 
 def _lengths(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(T_tau clamped to >= 1, which trajectories have any response token)."""
@@ -31,12 +33,21 @@ def _trajectory_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (per_traj * valid).sum() / valid.sum().clamp(min=1)
 
 
-def _check(logprobs, old_logprobs, advantages, mask) -> torch.Tensor:
+def _check(logprobs, old_logprobs, advantages, mask):
+    """(mask as floats, log r, advantages), with masked positions set to 0 BEFORE any arithmetic.
+
+    Padding can carry anything (-inf old log-probs, NaN advantages): multiplying by the mask afterwards
+    would still give inf * 0 = NaN, so the masked values are selected away with `where`, whose gradient
+    to the unselected side is exactly 0."""
     shapes = {t.shape for t in (logprobs, old_logprobs, advantages, mask)}
     if len(shapes) != 1 or logprobs.dim() != 2:
         raise ValueError("logprobs, old_logprobs, advantages and mask must all be [B, T]; got "
                          f"{[tuple(t.shape) for t in (logprobs, old_logprobs, advantages, mask)]}")
-    return mask.to(logprobs.dtype)
+    keep = mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype)
+    log_r = torch.where(keep, logprobs - torch.where(keep, old_logprobs.to(logprobs.dtype), zero), zero)
+    adv = torch.where(keep, advantages.to(logprobs.dtype), zero)
+    return keep.to(logprobs.dtype), log_r, adv
 
 
 def gate(x: torch.Tensor, c: float, t: torch.Tensor) -> torch.Tensor:
@@ -48,7 +59,7 @@ def gate(x: torch.Tensor, c: float, t: torch.Tensor) -> torch.Tensor:
 
 def _band(delta: float, c_plus: float | None, c_minus: float | None) -> tuple[float, float]:
     if c_plus is None and c_minus is None:
-        return delta / 2, delta / 2
+        return delta * FIBERPO_C_PLUS_SHARE, delta * (1 - FIBERPO_C_PLUS_SHARE)
     if c_plus is None:
         c_plus = delta - c_minus
     if c_minus is None:
@@ -62,9 +73,8 @@ def fiberpo_loss(logprobs, old_logprobs, advantages, mask, *, eps: float = 0.2, 
                  c_plus: float | None = None, c_minus: float | None = None):
     """FiberPO (DESIGN.md, "FiberPO"): trajectory weight from the gated sign-split means of log r, times a
     clipped per-token fiber residual. Returns (-J, stats) with stats["gated_ratio"] = G [B, T]."""
-    m = _check(logprobs, old_logprobs, advantages, mask)
+    m, log_r, advantages = _check(logprobs, old_logprobs, advantages, mask)
     c_plus, c_minus = _band(delta, c_plus, c_minus)
-    log_r = (logprobs - old_logprobs) * m
     t, _ = _lengths(m)
     log_s_plus = log_r.clamp(min=0).sum(-1) / t   # (1/T) sum max(log r, 0)
     log_s_minus = (-log_r).clamp(min=0).sum(-1) / t
@@ -92,37 +102,39 @@ def fiberpo_loss(logprobs, old_logprobs, advantages, mask, *, eps: float = 0.2, 
     }
 
 
-def grpo_loss(logprobs, old_logprobs, advantages, mask, *, eps: float = 0.2, delta: float = 0.4,
-              c_plus: float | None = None, c_minus: float | None = None):
-    """GRPO: the PPO clipped surrogate per token, min(r A, clip(r, 1 +- eps) A). delta/c_* are unused."""
-    m = _check(logprobs, old_logprobs, advantages, mask)
-    log_r = (logprobs - old_logprobs) * m
+def grpo_loss(logprobs, old_logprobs, advantages, mask, *, eps: float = 0.2, eps_high: float | None = None,
+              delta: float = 0.4, c_plus: float | None = None, c_minus: float | None = None):
+    """GRPO: the PPO clipped surrogate per token, min(r A, clip(r, 1 - eps, 1 + eps_high) A), eps_high
+    defaulting to eps. delta/c_* are unused."""
+    m, log_r, advantages = _check(logprobs, old_logprobs, advantages, mask)
+    lo, hi = 1 - eps, 1 + (eps if eps_high is None else eps_high)
     ratio = torch.exp(log_r)
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - eps, 1 + eps) * advantages)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(lo, hi) * advantages)
     loss = -_trajectory_mean(surrogate, m)
     with torch.no_grad():
-        clipped = ((ratio - 1).abs() > eps).float() * m
+        clipped = ((ratio < lo) | (ratio > hi)).float() * m
         # the ratio that effectively multiplies A (its gradient is 0 where the min picked the clipped side)
-        effective = torch.where(ratio * advantages <= ratio.clamp(1 - eps, 1 + eps) * advantages, ratio,
-                                ratio.clamp(1 - eps, 1 + eps))
+        effective = torch.where(ratio * advantages <= ratio.clamp(lo, hi) * advantages, ratio, ratio.clamp(lo, hi))
     return loss, {"gated_ratio": effective * m, "ratio": ratio * m,
                   "clip_fraction": clipped.sum() / m.sum().clamp(min=1)}
 
 
-def gspo_loss(logprobs, old_logprobs, advantages, mask, *, eps: float = 0.2, delta: float = 0.4,
-              c_plus: float | None = None, c_minus: float | None = None):
+def gspo_loss(logprobs, old_logprobs, advantages, mask, *, eps: float = 3e-4, eps_high: float | None = 4e-4,
+              delta: float = 0.4, c_plus: float | None = None, c_minus: float | None = None):
     """GSPO (token form): the sequence ratio s = exp(mean log r) carried per token as
-    sg(s) * exp(logprob - sg(logprob)), clipped PPO-style at 1 +- eps. delta/c_* are unused."""
-    m = _check(logprobs, old_logprobs, advantages, mask)
+    sg(s) * exp(logprob - sg(logprob)), clipped PPO-style at [1 - eps, 1 + eps_high] (GSPO paper,
+    arXiv 2507.18071: 3e-4 / 4e-4). delta/c_* are unused."""
+    m, log_r, advantages = _check(logprobs, old_logprobs, advantages, mask)
+    lo, hi = 1 - eps, 1 + (eps if eps_high is None else eps_high)
     t, _ = _lengths(m)
-    log_r = (logprobs - old_logprobs) * m
     log_s = log_r.sum(-1, keepdim=True) / t.unsqueeze(-1)
-    s_tok = torch.exp(log_s.detach() + logprobs - logprobs.detach())
-    surrogate = torch.minimum(s_tok * advantages, s_tok.clamp(1 - eps, 1 + eps) * advantages)
+    # log r's gradient is d logprob on response tokens and exactly 0 on masked ones
+    s_tok = torch.exp(log_s.detach() + log_r - log_r.detach())
+    surrogate = torch.minimum(s_tok * advantages, s_tok.clamp(lo, hi) * advantages)
     loss = -_trajectory_mean(surrogate, m)
     with torch.no_grad():
         seq = torch.exp(log_s).expand_as(m)
-        clipped = ((seq - 1).abs() > eps).float() * m
+        clipped = ((seq < lo) | (seq > hi)).float() * m
     return loss, {"gated_ratio": seq * m, "ratio": torch.exp(log_r) * m,
                   "clip_fraction": clipped.sum() / m.sum().clamp(min=1)}
 
@@ -132,8 +144,10 @@ POLICY_LOSSES = {"fiberpo": fiberpo_loss, "grpo": grpo_loss, "gspo": gspo_loss}
 
 def kl_penalty(logprobs, ref_logprobs, mask) -> torch.Tensor:
     """k3 estimator of KL(pi || ref) per token, trajectory-averaged like the policy losses."""
-    m = mask.to(logprobs.dtype)
-    d = (ref_logprobs - logprobs) * m
+    keep = mask.bool()
+    m = keep.to(logprobs.dtype)
+    zero = torch.zeros((), dtype=logprobs.dtype)
+    d = torch.where(keep, torch.where(keep, ref_logprobs.to(logprobs.dtype), zero) - logprobs, zero)
     return _trajectory_mean(torch.exp(d) - d - 1, m)
 
 

@@ -6,18 +6,31 @@ updatesPerBatch optimizer steps on it. The first update is on-policy; the later 
 ratio drifts and where the losses differ. Before the first and after the last step the policy answers
 a held-out set of RL prompts (greedy and sampled), which `flashops run` prints side by side.
 
+The curriculum as published (rl.curriculum): before the first step the starting policy answers each pool
+prompt profileRollouts times (batched, with a progress bar); prompts it always solves are dropped and the
+rest start at their profiled pass rate. The profile is in the checkpointed stage state: a resumed run
+does not profile again.
+
     from flashops.trainers.rl import generate, evaluate
     completions = generate(model, [prompt_ids], n=4, max_new=16, temperature=1.0, generator=g, eos=1)
 """
 from __future__ import annotations
 
+import logging
+import random
+import time
+
 import torch
 
+from flashops.model.sampling import sample_tokens
 from flashops.trainers.corpora import BuiltinDataset, eval_tasks, row_task
 from flashops.trainers.curriculum import CurriculumSampler, target_pass_rate
 from flashops.trainers.losses import POLICY_LOSSES, group_advantages, kl_penalty, token_logprobs
 from flashops.trainers.stages import Stage, _to_tensor, frozen_copy, split_micro
-from flashops.trainers.tasks import DOMAINS, Task, reward
+from flashops.trainers.tasks import DOMAINS, Task, correct, reward
+
+log = logging.getLogger("flashops.trainers")
+PROFILE_CHUNK = 32  # prompts per profiling generate() call (x profileRollouts rows): bounds its KV cache
 
 
 def _reset_expert_counts(model) -> None:
@@ -47,11 +60,7 @@ def generate(model, prompts: list[list[int]], n: int, max_new: int, temperature:
         done = torch.zeros(b, dtype=torch.bool)
         gen = torch.full((b, max_new), pad, dtype=torch.long)
         for t in range(max_new):
-            if temperature > 0:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                nxt = logits.argmax(-1)
+            nxt = sample_tokens(logits, temperature, generator=generator)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             gen[:, t] = nxt
             done |= nxt == eos
@@ -76,7 +85,7 @@ def evaluate(model, tasks: list[Task], codec, max_new: int = 16, samples: int = 
     per_domain: dict[str, list[float]] = {}
     g_scores, s_scores = [], []
     for i, t in enumerate(tasks):
-        gs = reward(t, codec.decode(greedy[i]))
+        gs = float(correct(t, codec.decode(greedy[i])))
         ss = sum(reward(t, codec.decode(sampled[i * samples + j])) for j in range(samples)) / samples
         g_scores.append(gs)
         s_scores.append(ss)
@@ -119,7 +128,8 @@ class RLStage(Stage):
         else:
             self.pool = [row_task(r) for r in self.dataset.rows]
             self.eval_set = self.pool[: min(48, len(self.pool))]
-        self.sampler = CurriculumSampler([t.domain for t in self.pool], spec.training.steps, self.p.curriculum)
+        self.sampler = CurriculumSampler([t.domain for t in self.pool], spec.training.steps, self.p.curriculum.enabled)
+        self.profile_stats: dict = {}  # set when this process profiled; reported with the first step
         self.loss_fn = POLICY_LOSSES[self.p.algorithm]
         self.reference = frozen_copy(trainer.model) if self.p.kl_coef > 0 else None
         self.eval_before = evaluate(trainer.model, self.eval_set, self.codec, self.p.max_new_tokens,
@@ -131,6 +141,45 @@ class RLStage(Stage):
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
         self.sampler.load_state_dict(state["curriculum"])
+
+    def on_start(self) -> None:
+        c = self.p.curriculum
+        if c.enabled and c.profile and not self.sampler.profiled:  # a resumed run has its profile already
+            self.profile()
+
+    def profile(self) -> dict:
+        """The paper's profiling: pass rate of each pool prompt (or a seeded subset of profileMaxPrompts) from
+        profileRollouts sampled rollouts of the starting policy; solved prompts leave the pool (dropSolved)."""
+        c, p = self.p.curriculum, self.p
+        t0 = time.time()
+        idx = list(range(len(self.pool)))
+        if c.profile_max_prompts is not None and c.profile_max_prompts < len(idx):
+            idx = sorted(random.Random(f"profile:{self.seed}").sample(idx, c.profile_max_prompts))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)  # not any step's rollout seed
+        rates: list[float] = []
+        k = c.profile_rollouts
+        self.tr.progress("profiling", 0, len(idx))
+        for start in range(0, len(idx), PROFILE_CHUNK):
+            tasks = [self.pool[i] for i in idx[start:start + PROFILE_CHUNK]]
+            prompts = [self.codec.prompt([{"role": "user", "content": t.question}], thinking=False) for t in tasks]
+            completions = generate(self.tr.model, prompts, k, p.max_new_tokens, p.temperature, g, self.codec.eos,
+                                   self.codec.pad, stop_early=self.tr.dist.world_size == 1)
+            for j, t in enumerate(tasks):
+                rates.append(sum(correct(t, self.codec.decode(c_)) for c_ in completions[j * k:(j + 1) * k]) / k)
+            self.tr.progress("profiling", len(rates), len(idx))
+        dropped = self.sampler.set_profile(rates, k, c.drop_solved, idx)
+        solved = sum(1 for r in rates if r >= 1.0)
+        self.profile_stats = {"profile_prompts": len(idx), "profile_rollouts": len(idx) * k,
+                              "profile_pass_rate": sum(rates) / len(rates), "profile_solved": solved,
+                              "profile_dropped": dropped, "pool_active": int(self.sampler.active.sum()),
+                              "profile_seconds": time.time() - t0}
+        if c.drop_solved and solved and not dropped:
+            log.warning("curriculum: the starting policy solves all %d profiled prompts; none dropped (RL has "
+                        "nothing to learn from them: use harder prompts or another rl.domains)", solved)
+        log.info("curriculum profile: %d prompts x %d rollouts, mean pass rate %.3f, %d solved, %d dropped, "
+                 "%d in the pool (%.1fs)", len(idx), k, self.profile_stats["profile_pass_rate"], solved, dropped,
+                 self.profile_stats["pool_active"], self.profile_stats["profile_seconds"])
+        return self.profile_stats
 
     def _logprobs(self, model, tokens):
         out = model(tokens[:, :-1], mtp=False)
@@ -144,9 +193,11 @@ class RLStage(Stage):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         completions = generate(tr.model, prompts, p.group_size, p.max_new_tokens, p.temperature, g,
                                self.codec.eos, self.codec.pad, stop_early=tr.dist.world_size == 1)
-        rewards = torch.tensor([reward(tasks[k // p.group_size], self.codec.decode(c))
-                                for k, c in enumerate(completions)], dtype=torch.float32)
-        self.sampler.update(idx, rewards.view(-1, p.group_size).mean(-1).tolist())
+        texts = [self.codec.decode(c) for c in completions]
+        rewards = torch.tensor([reward(tasks[k // p.group_size], t, p.partial_credit) for k, t in enumerate(texts)],
+                               dtype=torch.float32)
+        solved = torch.tensor([correct(tasks[k // p.group_size], t) for k, t in enumerate(texts)], dtype=torch.float32)
+        self.sampler.update(idx, solved.view(-1, p.group_size).mean(-1).tolist(), rollouts=p.group_size)
         self.cursor += len(idx)
         adv = group_advantages(rewards, p.group_size)
         tokens, mask = rollout_batch(prompts, completions, p.group_size, self.seq_len + 1, self.codec.pad)
@@ -163,14 +214,13 @@ class RLStage(Stage):
         tokens, mask, adv_tok, old = (t[rank::world] for t in (tokens, mask, adv_tok, old))
         ref = ref[rank::world] if ref is not None else None
         n_global, n = n, tokens.shape[0]
-        losses, ratio_mean, ratio_max, entropy, kls = [], 0.0, 0.0, 0.0, 0.0
+        losses, ratio_mean, ratio_max, entropy, kls, drift = [], 0.0, 0.0, 0.0, 0.0, 0.0
         for _ in range(p.updates_per_batch):
             total = 0.0
-            r_sum, r_max, ent_sum, kl_sum = 0.0, 0.0, 0.0, 0.0
+            r_sum, r_max, ent_sum, kl_sum, drift_sum = 0.0, 0.0, 0.0, 0.0, 0.0
             for sl in split_micro(n, micro):
                 lp, logits = self._logprobs(tr.model, tokens[sl])
-                loss, st = self.loss_fn(lp, old[sl], adv_tok[sl], mask[sl], eps=p.eps, delta=p.delta,
-                                        c_plus=p.c_plus_value, c_minus=p.c_minus_value)
+                loss, st = self.loss_fn(lp, old[sl], adv_tok[sl], mask[sl], **p.policy_loss_kwargs())
                 if ref is not None:
                     kl = kl_penalty(lp, ref[sl], mask[sl])
                     loss = loss + p.kl_coef * kl
@@ -182,6 +232,7 @@ class RLStage(Stage):
                     m = mask[sl].float()
                     ratio = torch.exp((lp - old[sl]) * m)
                     r_sum += float((ratio * m).sum())
+                    drift_sum += float(((lp - old[sl]).abs() * m).sum())  # mean |log r|: the ratio's drift
                     r_max = max(r_max, float((ratio * m).max()))
                     logp = torch.log_softmax(logits.float(), -1)
                     ent = -(logp.exp() * logp).sum(-1)
@@ -190,13 +241,16 @@ class RLStage(Stage):
             n_resp = max(tr.all_sum(float(mask.sum())), 1.0)
             losses.append(tr.all_sum(total))
             ratio_mean, entropy, kls = tr.all_sum(r_sum) / n_resp, tr.all_sum(ent_sum) / n_resp, tr.all_sum(kl_sum)
+            drift = tr.all_sum(drift_sum) / n_resp
             ratio_max = -tr.all_min(-r_max) if world > 1 else r_max
-        stats.update(loss=sum(losses) / len(losses), reward=float(rewards.mean()), ratio_mean=ratio_mean,
-                     ratio_max=ratio_max, entropy=entropy, response_len=n_resp / n_global,
+        stats.update(loss=sum(losses) / len(losses), reward=float(rewards.mean()), solved=float(solved.mean()), ratio_mean=ratio_mean,
+                     ratio_max=ratio_max, ratio_drift=drift, entropy=entropy, response_len=n_resp / n_global,
                      target_pass_rate=target_pass_rate(step, tr.spec.training.steps),
                      tokens=int(tokens.numel()) * world * (p.updates_per_batch + 1))
         if self.reference is not None:
             stats["kl"] = kls
+        stats.update(self.profile_stats)  # once: the row of the first step after profiling
+        self.profile_stats = {}
         return stats
 
     def on_end(self) -> dict:

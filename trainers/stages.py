@@ -1,23 +1,28 @@
 """The supervised stages: pretrain (next token + MTP), sft (assistant tokens only, best-fit packing) and
-dpo (frozen reference, sigmoid loss). rl lives in rl.py. A stage turns step s into micro-batches and
-losses; the engine does the rest.
+dpo (frozen reference, sigmoid loss). rl lives in rl.py; flashops.trainers.registry.STAGES maps a stage name
+to its class (this module imports neither rl nor the registry). A stage gets a StageContext, not the trainer,
+turns step s into micro-batches and losses, and the engine does the rest.
 
-Data position: each stage keeps a cursor (the index of the next example) that advances as examples are
-packed; it is saved in every checkpoint, so a resumed run sees exactly the examples it would have seen.
+Data position: each stage keeps a cursor that is saved in every checkpoint, so a resumed run sees exactly the
+examples it would have seen: the index of the next example for the builtin corpora, a loader's state for
+user data (trainers/loader.py: a global cursor for prepared token shards, one (epoch, position) per batch
+row for raw rows, which each rank reads only its share of).
 Losses are normalised by the whole batch's token (or pair) count, so gradient accumulation over
 micro-batches gives the same update as one big batch.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
 
-from flashops.model.tokenizer import BOS, EOS, PAD, chat_segments, load_tokenizer
+from flashops.model.tokenizer import TokenizerCodec
 from flashops.trainers.losses import dpo_loss, masked_ce, token_logprobs
 
 IGNORE = 0  # mask value
+log = logging.getLogger("flashops.trainers")
 
 
 @dataclass
@@ -25,32 +30,7 @@ class Packed:
     tokens: torch.Tensor     # (B, L+1) token ids
     positions: torch.Tensor  # (B, L+1) position within its document (restarts at 0)
     mask: torch.Tensor       # (B, L+1) 1 where the token is a training target
-
-
-class Codec:
-    """Tokenizer + the id conventions the stages use."""
-
-    def __init__(self):
-        self.tok = load_tokenizer()
-        self.bos, self.eos, self.pad = (self.tok.token_to_id(t) for t in (BOS, EOS, PAD))
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False)
-
-    def chat(self, messages, thinking: bool) -> tuple[list[int], list[int]]:
-        """(ids, loss mask) of a rendered conversation: mask 1 on what the assistant writes."""
-        ids, mask = [], []
-        for text, is_out in chat_segments(messages, thinking, add_generation_prompt=False):
-            piece = self.encode(text)
-            ids += piece
-            mask += [int(is_out)] * len(piece)
-        return ids, mask
-
-    def prompt(self, messages, thinking: bool = False) -> list[int]:
-        return self.encode("".join(t for t, _ in chat_segments(messages, thinking, add_generation_prompt=True)))
+    local: bool = False      # True: only this rank's rows (a prepared dataset's loader), not the global batch
 
 
 def split_micro(batch_size: int, micro: int) -> list[slice]:
@@ -65,30 +45,78 @@ def _to_tensor(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
     return out
 
 
+class StageContext:
+    """What a stage may use of the trainer, and nothing else: the spec, the preflight plan, the model (read when
+    used: the engine wraps it for FSDP after the stage is built), the process group, and the engine's backward,
+    optimizer step, cross-rank reductions, weight loading and progress report (phase, done, total)."""
+
+    def __init__(self, trainer):
+        self._trainer = trainer
+        self.spec = trainer.spec
+        self.plan = trainer.plan
+        self.backward = trainer.backward
+        self.optimizer_step = trainer.optimizer_step
+        self.all_sum = trainer.all_sum
+        self.all_min = trainer.all_min
+        self.load_weights = trainer.load_weights
+        self.progress = trainer.progress
+
+    @property
+    def model(self):
+        return self._trainer.model
+
+    @property
+    def dist(self):
+        return self._trainer.dist
+
+
 class Stage:
     name = "stage"
 
-    def __init__(self, trainer):
-        self.tr = trainer
-        self.codec = Codec()
+    def __init__(self, trainer: StageContext):
+        self.tr = trainer  # a StageContext (the name `tr` is kept for the stage code below)
+        self.codec = TokenizerCodec(skip_special_tokens=False)  # rewards read the closing <eos>
         self.cursor = 0
         spec = trainer.spec
         self.seq_len = spec.training.seq_len
         self.batch_size = spec.training.batch_size
         self.micro = trainer.plan.micro_batch_size
         self.dataset = trainer.plan.dataset
+        self.loader = None  # set by stages that read prepared token shards (trainers/loader.py)
 
     def state_dict(self) -> dict:
+        if self.loader is not None:
+            out = {k: torch.as_tensor(v).clone() for k, v in self.loader.state_dict().items()}
+            if getattr(self.loader, "per_rank", False) and self.tr.dist.world_size > 1:
+                for t in out.values():  # each rank filled its own row streams: one table for the checkpoint
+                    torch.distributed.all_reduce(t)
+            return out
         return {"cursor": torch.tensor(self.cursor)}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.loader is not None:
+            self.loader.load_state_dict({k: state[k].numpy() if isinstance(state[k], torch.Tensor) else state[k]
+                                         for k in self.loader.state_dict()})
+            log.info("data cursor %s: rank %d reads %s next", self.loader.state_dict(), self.tr.dist.rank,
+                     self.loader.where())
+            return
         self.cursor = int(state["cursor"])
+
+    def local_batch(self) -> Packed:
+        """This rank's rows of the next batch from the loader (prepared token shards or raw row streams)."""
+        b = self.loader.next_batch()
+        self.packing_efficiency = b.efficiency
+        if getattr(self.loader, "per_rank", False):  # raw row streams: the efficiency of this rank's rows
+            self.packing_efficiency = self.tr.all_sum(b.efficiency * len(b.tokens)) / self.batch_size
+        return Packed(torch.from_numpy(b.tokens), torch.from_numpy(b.positions), torch.from_numpy(b.mask), local=True)
+
+    def on_end(self) -> dict:
+        if self.loader is not None:
+            self.loader.close()
+        return {}
 
     def on_start(self) -> None:
         pass
-
-    def on_end(self) -> dict:
-        return {}
 
     def next_example(self) -> dict:
         ex = self.dataset[self.cursor]
@@ -105,13 +133,27 @@ class PretrainStage(Stage):
 
     name = "pretrain"
 
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        if is_prepared(self.dataset):
+            from flashops.trainers.loader import PretrainLoader
+
+            self.loader = PretrainLoader(self.dataset, self.seq_len, self.batch_size, trainer.spec.training.seed,
+                                         trainer.dist.rank, trainer.dist.world_size)
+        elif is_raw(self.dataset):
+            from flashops.trainers.loader import RawPretrainLoader
+
+            self.loader = RawPretrainLoader(self.dataset, self.seq_len, self.batch_size, trainer.dist.rank,
+                                            trainer.dist.world_size,
+                                            lambda row: (self.codec.documents([str(row["text"])])[0], None))
+
     def pack(self) -> Packed:
         width = self.seq_len + 1
         rows, pos, masks = [], [], []
         for _ in range(self.batch_size):
             ids, p = [], []
             while len(ids) < width:
-                doc = [self.codec.bos] + self.codec.encode(self.next_example()["text"]) + [self.codec.eos]
+                doc = self.codec.documents([self.next_example()["text"]])[0]
                 ids += doc
                 p += list(range(len(doc)))
             rows.append(ids[:width])
@@ -124,7 +166,7 @@ class PretrainStage(Stage):
     def train_step(self, step: int) -> dict:
         params = self.tr.spec.pretrain
         mtp_on = params.mtp_weight > 0 and step >= params.mtp_from_step and self.tr.model.mtp is not None
-        batch = self.pack()
+        batch = self.local_batch() if self.loader is not None else self.pack()
         return supervised_step(self.tr, batch, mtp_weight=params.mtp_weight if mtp_on else 0.0)
 
 
@@ -141,7 +183,11 @@ def supervised_step(tr, batch: Packed, mtp_weight: float) -> dict:
     # data parallel: every rank packs the same global batch (cheap) and trains on its share of the rows;
     # losses stay normalised by the GLOBAL count, since torchtitan's FSDP sums the gradients over ranks
     rank, world = tr.dist.rank, tr.dist.world_size
-    inp, tgt, pos, mask, mtp_mask = (t[rank::world] for t in (inp, tgt, pos, mask, mtp_mask))
+    n_rows = inp.shape[0]
+    if batch.local:  # a prepared dataset's loader read only this rank's rows: sum the counts over ranks
+        n_tok, n_mtp, n_rows = global_counts(tr, mask.sum(), mtp_mask.sum(), n_rows)
+    else:
+        inp, tgt, pos, mask, mtp_mask = (t[rank::world] for t in (inp, tgt, pos, mask, mtp_mask))
     for sl in split_micro(inp.shape[0], tr.plan.micro_batch_size):
         out = model(inp[sl], positions=pos[sl], mtp=mtp_weight > 0)
         ce_sum, _ = masked_ce(out.logits, tgt[sl], mask[sl])
@@ -153,10 +199,31 @@ def supervised_step(tr, batch: Packed, mtp_weight: float) -> dict:
         tr.backward(loss)
         total_ce += float(ce_sum.detach()) / float(n_tok)
     stats = tr.optimizer_step()
-    stats.update(loss=tr.all_sum(total_ce), tokens=int(inp.numel()) * world)
+    stats.update(loss=tr.all_sum(total_ce), tokens=int(n_rows) * inp.shape[1] if batch.local else int(inp.numel()) * world)
     if mtp_weight > 0:
         stats["mtp_loss"] = tr.all_sum(total_mtp)
     return stats
+
+
+def is_prepared(dataset) -> bool:
+    from flashops.storage.datasets import TokenDataset
+
+    return isinstance(dataset, TokenDataset)
+
+
+def is_raw(dataset) -> bool:
+    """User rows (JSONL/Parquet under file:// or s3://), streamed per rank (trainers/loader.py RawStreams)."""
+    from flashops.trainers.corpora import RawDataset
+
+    return isinstance(dataset, RawDataset)
+
+
+def global_counts(tr, *values) -> list[torch.Tensor]:
+    """Per-rank counts summed over ranks in one all-reduce (at least 1 each: they divide losses)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if tr.dist.world_size > 1:
+        torch.distributed.all_reduce(t)
+    return [x.clamp(min=1).long() for x in t]
 
 
 # ------------------------------------------------------------------------------------------ sft
@@ -173,6 +240,16 @@ class SFTStage(Stage):
         super().__init__(trainer)
         self.ratio = trainer.spec.sft.thinking_ratio
         self.packing = trainer.spec.sft.packing
+        if is_prepared(self.dataset):
+            from flashops.trainers.loader import SFTLoader
+
+            self.loader = SFTLoader(self.dataset, self.seq_len, self.batch_size, trainer.dist.rank,
+                                    trainer.dist.world_size, self.packing)
+        elif is_raw(self.dataset):
+            from flashops.trainers.loader import RawSFTLoader
+
+            self.loader = RawSFTLoader(self.dataset, self.seq_len, self.batch_size, trainer.dist.rank,
+                                       trainer.dist.world_size, self.encode, self.packing)
 
     def encode(self, ex: dict) -> tuple[list[int], list[int]]:
         thinking = bool(ex.get("thinking", False))
@@ -206,8 +283,15 @@ class SFTStage(Stage):
         return Packed(tokens, positions, mask)
 
     def train_step(self, step: int) -> dict:
-        batch = self.pack()
-        return supervised_step(self.tr, batch, mtp_weight=0.1 if self.tr.model.mtp is not None else 0.0)
+        if self.loader is not None:
+            batch = self.local_batch()
+        else:
+            batch = self.pack()
+            width = batch.tokens.shape[0] * batch.tokens.shape[1]
+            self.packing_efficiency = float((batch.tokens != self.codec.pad).sum()) / width
+        stats = supervised_step(self.tr, batch, mtp_weight=0.1 if self.tr.model.mtp is not None else 0.0)
+        stats["packing_efficiency"] = self.packing_efficiency  # filled / available tokens of the global batch
+        return stats
 
 
 # ------------------------------------------------------------------------------------------ dpo
@@ -241,6 +325,10 @@ class DPOStage(Stage):
         plan = trainer.plan
         if plan.reference_uri and plan.reference_uri != plan.init_uri:
             trainer.load_weights(self.reference, plan.reference_uri)
+        if is_raw(self.dataset):
+            from flashops.trainers.loader import RawRowsLoader
+
+            self.loader = RawRowsLoader(self.dataset, self.batch_size, trainer.dist.rank, trainer.dist.world_size)
 
     def encode_pair(self, ex: dict):
         prompt = ex["prompt"]
@@ -253,8 +341,11 @@ class DPOStage(Stage):
     def batch(self):
         width = self.seq_len + 1
         chosen, rejected = [], []
-        for _ in range(self.batch_size):
-            c, r = self.encode_pair(self.next_example())
+        # raw rows: this rank's rows only (one row stream each); builtin: the global batch
+        examples = (self.loader.next_rows() if self.loader is not None
+                    else [self.next_example() for _ in range(self.batch_size)])
+        for ex in examples:
+            c, r = self.encode_pair(ex)
             chosen.append(c)
             rejected.append(r)
 
@@ -270,9 +361,10 @@ class DPOStage(Stage):
             ref_c = sequence_logprob(self.reference, ct, cm)
             ref_r = sequence_logprob(self.reference, rt, rm)
         totals: dict[str, float] = {}
-        n = ct.shape[0]
+        n = self.batch_size
         rank, world = self.tr.dist.rank, self.tr.dist.world_size
-        ct, cm, rt, rm, ref_c, ref_r = (t[rank::world] for t in (ct, cm, rt, rm, ref_c, ref_r))
+        if self.loader is None:  # every rank built the global batch: take this rank's rows
+            ct, cm, rt, rm, ref_c, ref_r = (t[rank::world] for t in (ct, cm, rt, rm, ref_c, ref_r))
         # each pair weighs 1/global pairs; FSDP sums the ranks' gradients
         for sl in split_micro(ct.shape[0], self.micro):
             pc = sequence_logprob(self.tr.model, ct[sl], cm[sl])
@@ -284,19 +376,11 @@ class DPOStage(Stage):
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * frac
         out = self.tr.optimizer_step()
+        local = int(ct.numel() + rt.numel())
         out.update({k: self.tr.all_sum(v) for k, v in totals.items()},
-                   tokens=int(ct.numel() + rt.numel()) * world)
+                   tokens=int(self.tr.all_sum(local)) if self.loader is not None else local * world)
         return out
 
 
-def make_stage(trainer) -> Stage:
-    stage = trainer.spec.stage
-    if stage == "pretrain":
-        return PretrainStage(trainer)
-    if stage == "sft":
-        return SFTStage(trainer)
-    if stage == "dpo":
-        return DPOStage(trainer)
-    from flashops.trainers.rl import RLStage
-
-    return RLStage(trainer)
+def supervised_stages() -> dict[str, type[Stage]]:
+    return {"pretrain": PretrainStage, "sft": SFTStage, "dpo": DPOStage}

@@ -6,9 +6,15 @@ one is measured on; RL rewards come from `reward()`.
     import random
     t = make_task("arithmetic", 2, random.Random(0))   # Task(question='What is 41 + 7?', answer='48', ...)
     reward(t, "<think></think>48")                       # 1.0
+
+Held-out split: a fixed 1/16 of all prompts (by a hash of the question, so it holds in every process and for
+every seed) is never generated for training: `make_task` redraws them. `builtin:rl-heldout` (the evaluation
+suite) and the RL stage's before/after set are drawn from that split only (`heldout_tasks`), so what they
+measure is answering prompts the model never saw.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -67,12 +73,27 @@ def _string(level: int, rng: random.Random) -> Task:
 _MAKERS = {"arithmetic": _arithmetic, "sorting": _sorting, "counting": _counting, "string": _string}
 
 
-def make_task(domain: str, level: int, rng: random.Random) -> Task:
+HELDOUT_BUCKETS = 16  # one bucket of 16 is held out
+SPLITS = ("train", "heldout")
+
+
+def is_heldout(question: str) -> bool:
+    """Is this prompt in the held-out split (never generated for training)?"""
+    return hashlib.sha256(question.encode()).digest()[0] % HELDOUT_BUCKETS == 0
+
+
+def make_task(domain: str, level: int, rng: random.Random, split: str = "train") -> Task:
+    """A task of the domain and level from the split: training draws never return a held-out prompt."""
     if domain not in _MAKERS:
         raise ValueError(f"domain {domain!r} is not one of {', '.join(DOMAINS)}")
     if level not in LEVELS:
         raise ValueError(f"level {level} is not one of {LEVELS}")
-    return _MAKERS[domain](level, rng)
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    while True:
+        task = _MAKERS[domain](level, rng)
+        if is_heldout(task.question) == (split == "heldout"):
+            return task
 
 
 def random_task(rng: random.Random, domains: tuple[str, ...] = DOMAINS) -> Task:
@@ -95,13 +116,69 @@ def wrong_answer(task: Task, rng: random.Random) -> str:
     return word if word != task.answer else word + word[0]
 
 
-def reward(task: Task, completion: str) -> float:
-    """1.0 when the answer after the reasoning block equals the expected answer, else 0.0."""
+def correct(task: Task, completion: str) -> bool:
+    """Does the answer after the reasoning block equal the expected answer? (What accuracy counts.)"""
     _, answer = split_answer(completion)
-    return 1.0 if " ".join(answer.split()) == task.answer else 0.0
+    return " ".join(answer.split()) == task.answer
+
+
+def closeness(task: Task, answer: str) -> float:
+    """How near a wrong answer is, in [0, 1): numbers by 1 / (1 + |error|); lists and words by the share of
+    positions (digits, letters) that match, over the longer of the two. 0 for an answer of the wrong kind."""
+    answer = " ".join(answer.split())
+    if task.domain in ("arithmetic", "counting"):
+        if not answer.isdigit():
+            return 0.0
+        return 1.0 / (1.0 + abs(int(answer) - int(task.answer)))
+    got, want = (answer.split(), task.answer.split()) if task.domain == "sorting" else (list(answer), list(task.answer))
+    if not got:
+        return 0.0
+    return sum(a == b for a, b in zip(got, want)) / max(len(got), len(want))
+
+
+def reward(task: Task, completion: str, partial_credit: float = 0.0) -> float:
+    """1.0 when the answer after the reasoning block equals the expected answer; else partial_credit x how
+    near it is (`closeness`, below 1), 0.0 with the default partial_credit 0 (the binary verifiable reward).
+    Partial credit gives a small policy that rarely answers exactly a gradient toward near answers
+    (rl.partialCredit); accuracy never counts it (`correct`)."""
+    if correct(task, completion):
+        return 1.0
+    if partial_credit <= 0:
+        return 0.0
+    _, answer = split_answer(completion)
+    return partial_credit * min(closeness(task, answer), 0.999)
 
 
 def task_pool(n_per_domain_level: int, seed: int, domains: tuple[str, ...] = DOMAINS) -> list[Task]:
-    """A fixed prompt set (the RL curriculum's pool, or an evaluation set with another seed)."""
+    """A fixed training prompt set (the RL curriculum's pool)."""
     rng = random.Random(seed)
     return [make_task(d, lvl, rng) for d in domains for lvl in LEVELS for _ in range(n_per_domain_level)]
+
+
+def heldout_tasks(n_per_domain_level: int, seed: int = 0, domains: tuple[str, ...] = DOMAINS) -> list[Task]:
+    """Distinct held-out prompts, n per (domain, level) where the split has that many (level-1 arithmetic has
+    only a few): what evaluation measures, never what training samples."""
+    rng = random.Random(f"heldout:{seed}")
+    out = []
+    for d in domains:
+        for lvl in LEVELS:
+            seen: set[str] = set()
+            for _ in range(50 * n_per_domain_level):
+                if len(seen) == n_per_domain_level:
+                    break
+                t = make_task(d, lvl, rng, "heldout")
+                if t.question not in seen:
+                    seen.add(t.question)
+                    out.append(t)
+    return out
+
+
+HELDOUT_SUITE_PER_LEVEL = 2  # builtin:rl-heldout: 4 domains x 3 levels x 2 = 24 tasks, both modes
+
+
+def heldout_suite_rows(n_per_domain_level: int = HELDOUT_SUITE_PER_LEVEL) -> list[dict]:
+    """builtin:rl-heldout in the suite format (flashops.api.evaluation): numbers compared as numbers, lists and
+    words exactly, in both modes."""
+    return [{"prompt": t.question, "answer": t.answer, "domain": t.domain, "thinking": None,
+             "match": "number" if t.domain in ("arithmetic", "counting") else "exact"}
+            for t in heldout_tasks(n_per_domain_level)]

@@ -4,19 +4,20 @@
     curl -H "Authorization: Bearer $TOKEN" 127.0.0.1:8080/v1/resolve?ref=quickstart
     open http://127.0.0.1:8080/docs                      # the OpenAPI docs
 
-Writes (scope `write`): POST /v1/datasets, /v1/runs, /v1/runs/{id}/finish, /v1/checkpoints, /v1/models,
-/v1/deployments, /v1/deployments/{id}/close, /v1/events (a batch in one transaction).
+Writes (scope `write`): POST /v1/datasets, /v1/runs, /v1/runs/{id}/finish, /v1/runs/{id}/metrics, /v1/checkpoints, /v1/models,
+/v1/deployments, /v1/deployments/{id}/close, /v1/evaluations, /v1/events (a batch in one transaction).
 Reads (scope `read`): GET /v1/nodes (filters + pagination), /v1/nodes/{id} (with neighbours),
 /v1/nodes/{id}/ancestors|descendants?depth=N, /v1/nodes/{id}/provenance|derived, /v1/runs/diff?a=&b=,
+/v1/runs/{id}/metrics, /v1/nodes/{id}/evaluations (newest first),
 /v1/resolve?ref=, /v1/find?ref=. GET /healthz needs no token. Every error is application/problem+json.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flashops.api.lineage import migrate
 from flashops.api.lineage.auth import Tokens, scopes_of
 from flashops.api.lineage.errors import Forbidden, LineageError, Unauthorized, Unavailable
+from flashops.api.lineage.metrics import CONTENT_TYPE, LineageMetrics, MetricsMiddleware
 from flashops.api.lineage.models import NODE_TYPES
 from flashops.api.lineage.queries import MAX_DEPTH, MAX_LIMIT
 from flashops.api.lineage.store import SqlLineage
@@ -33,8 +35,11 @@ from flashops.api.lineage.validate import MAX_ID, RUN_STATUSES
 PROBLEM = "application/problem+json"
 def NodeId():  # a fresh Param per use: FastAPI binds a Param object to the first name it is used for
     return Path(ge=1, le=MAX_ID, description="a lineage id (the number in lineage:<id>)")
-Ref = Union[int, str]  # an id, "lineage:<id>" or a URI/name, as the store accepts them
-_Text = dict(max_length=2048)
+# What the store accepts, said in the schema so the OpenAPI document and the server agree: ids are 1..2^63-1,
+# names and URIs are not empty. Lengths are checked in UTF-8 bytes by the store (JSON Schema counts characters).
+Id = Annotated[int, Field(ge=1, le=MAX_ID)]
+Ref = Union[Id, Annotated[str, Field(min_length=1, max_length=2048)]]  # an id, "lineage:<id>", a URI or a name
+_Text = dict(max_length=2048, description="at most 2048 bytes of UTF-8")
 
 
 class Body(BaseModel):
@@ -45,6 +50,8 @@ class DatasetIn(Body):
     uri: str = Field(min_length=1, **_Text, examples=["s3://data/pretrain/v3"])
     content_hash: str | None = Field(None, max_length=128)
     version: str | None = Field(None, max_length=128)
+    derived_from: Ref | None = Field(None, description="the dataset this one was made from (e.g. the rows a "
+                                     "prepared token dataset was tokenized from): an id or a dataset URI")
 
 
 class RunIn(Body):
@@ -54,7 +61,8 @@ class RunIn(Body):
     spec: dict[str, Any] = Field(default_factory=dict)
     spec_hash: str = Field(min_length=1, max_length=128)
     k8s_ref: dict[str, Any] | str | None = None
-    consumed: list[Union[int, str, dict[str, Any]]] = Field(default_factory=list, max_length=1000)
+    consumed: list[Union[Id, Annotated[str, Field(min_length=1, max_length=2048)], dict[str, Any]]] = Field(
+        default_factory=list, max_length=1000)
     initialized_from: Ref | None = None
     pipeline: str | None = Field(None, max_length=253)
 
@@ -89,9 +97,21 @@ class DeploymentIn(Body):
     traffic_percent: int = Field(100, ge=0, le=100)
 
 
+class EvaluationIn(Body):
+    target_id: Ref = Field(description="the evaluated checkpoint or model: an id or its URI")
+    result: dict[str, Any] = Field(description="what `flashops eval --json` prints: {suites: [{name, sha256, modes: "
+                                   "[{mode, accuracy, mean_tokens, accuracy_per_1k_tokens, acceptance_length, "
+                                   "per_domain, tasks}]}], wall_s}")
+    name: str | None = Field(None, max_length=253)
+
+
+class MetricsIn(Body):
+    rows: list[dict[str, Any]] = Field(max_length=10_000, examples=[[{"step": 1, "loss": 2.3, "lr": 1e-3}]])
+
+
 class Event(Body):
     op: Literal["upsert_dataset", "start_run", "finish_run", "add_checkpoint", "add_model", "add_deployment",
-                "close_deployment"]
+                "close_deployment", "record_metrics", "add_evaluation"]
     args: dict[str, Any] = Field(default_factory=dict, description='"$N" stands for the id event N returned')
 
 
@@ -112,9 +132,9 @@ class Problem(BaseModel):
 
 
 _PROBLEMS = {code: {"model": Problem, "content": {PROBLEM: {}}, "description": desc} for code, desc in
-             [(401, "no or unknown bearer token"), (403, "the token lacks the scope"),
+             [(400, "the body is not parseable JSON"), (401, "no or unknown bearer token"), (403, "the token lacks the scope"),
               (404, "no such node"), (409, "conflicts with what is recorded"), (422, "invalid input"),
-              (503, "database unavailable")]}
+              (500, "a database failure that a retry cannot cure"), (503, "database unavailable: retry")]}
 
 
 def problem(status: int, title: str, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -125,6 +145,8 @@ def problem(status: int, title: str, detail: str, headers: dict | None = None) -
 def create_app(store: SqlLineage, tokens: Tokens) -> FastAPI:
     app = FastAPI(title="flashops lineage", version="1",
                   description="What produced every checkpoint, model and deployment.", responses=_PROBLEMS)
+    metrics = LineageMetrics()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     bearer = HTTPBearer(auto_error=False, description="a token with scope read and/or write")
 
     def require(scope: str):
@@ -142,11 +164,20 @@ def create_app(store: SqlLineage, tokens: Tokens) -> FastAPI:
 
     @app.exception_handler(LineageError)
     def _lineage_error(_: Request, e: LineageError):
+        if e.from_database:
+            metrics.database_error(e.status)
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         return problem(e.status, e.title, str(e), headers)
 
     @app.exception_handler(RequestValidationError)
     def _invalid(_: Request, e: RequestValidationError):
+        # not a value the schema refuses: the body could not be parsed as JSON at all (or was not sent as JSON)
+        unparsed = [err for err in e.errors() if err.get("type") == "json_invalid" or (
+            tuple(err.get("loc", ())) == ("body",) and isinstance(err.get("input"), (bytes, str)))]
+        if unparsed:
+            why = (unparsed[0].get("ctx") or {}).get("error") or "not sent as application/json"
+            return problem(400, "Malformed body", f"the body is not valid JSON ({why}): "
+                                                   "send a JSON object with Content-Type: application/json")
         parts = []
         for err in e.errors()[:10]:
             where = ".".join(str(p) for p in err.get("loc", ()))
@@ -175,14 +206,22 @@ def create_app(store: SqlLineage, tokens: Tokens) -> FastAPI:
                 c.execute(text("SELECT 1"))
             rev = migrate.current(store.engine)
         except Exception as e:  # noqa: BLE001 - any database failure means not ready
-            raise Unavailable(f"database: {type(e).__name__}") from None
+            err = Unavailable(f"database: {type(e).__name__}")
+            err.from_database = True
+            raise err from None
         return {"status": "ok", "schema": rev}
+
+    @app.get("/metrics", tags=["health"], response_class=Response,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition"}})
+    def prometheus_metrics():
+        """Prometheus metrics (no token): requests by route and status, latency, database errors."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     # ------------------------------------------------------------------ writes
 
     @app.post("/v1/datasets", response_model=Created, dependencies=write, tags=["record"])
     def upsert_dataset(body: DatasetIn):
-        return created(store.upsert_dataset(body.uri, body.content_hash, body.version))
+        return created(store.upsert_dataset(body.uri, body.content_hash, body.version, body.derived_from))
 
     @app.post("/v1/runs", response_model=Created, dependencies=write, tags=["record"])
     def start_run(body: RunIn):
@@ -192,6 +231,11 @@ def create_app(store: SqlLineage, tokens: Tokens) -> FastAPI:
     def finish_run(body: FinishIn, run_id: int = NodeId()):
         store.finish_run(run_id, body.status, body.metrics)
         return created(run_id)
+
+    @app.post("/v1/runs/{run_id}/metrics", dependencies=write, tags=["record"])
+    def record_metrics(body: MetricsIn, run_id: int = NodeId()) -> dict:
+        """Per-step metrics of a run (a step sent again replaces its row)."""
+        return {"id": run_id, "rows": store.record_metrics(run_id, body.rows)}
 
     @app.post("/v1/checkpoints", response_model=Created, dependencies=write, tags=["record"])
     def add_checkpoint(body: CheckpointIn):
@@ -209,6 +253,11 @@ def create_app(store: SqlLineage, tokens: Tokens) -> FastAPI:
     def close_deployment(deployment_id: int = NodeId()):
         store.close_deployment(deployment_id)
         return created(deployment_id)
+
+    @app.post("/v1/evaluations", response_model=Created, dependencies=write, tags=["record"])
+    def add_evaluation(body: EvaluationIn):
+        """A complete evaluation of a checkpoint or model (the same result again is the same node)."""
+        return created(store.add_evaluation(body.target_id, body.result, body.name))
 
     @app.post("/v1/events", dependencies=write, tags=["record"])
     def record_events(body: EventsIn) -> dict:
@@ -256,6 +305,16 @@ def create_app(store: SqlLineage, tokens: Tokens) -> FastAPI:
         """Which checkpoints, models and deployments derive from this dataset (or any node)."""
         return store.derived(node_id)
 
+    @app.get("/v1/runs/{run_id}/metrics", dependencies=read, tags=["query"])
+    def run_metrics(run_id: int = NodeId(), max_points: int = Query(2000, ge=2, le=MAX_LIMIT)) -> dict:
+        """A run's curves: steps and one series per metric (every stride-th step past max_points)."""
+        return store.run_metrics(run_id, max_points)
+
+    @app.get("/v1/nodes/{node_id}/evaluations", dependencies=read, tags=["query"])
+    def evaluations(node_id: int = NodeId()) -> dict:
+        """The evaluations of a checkpoint or model (for a model, also its checkpoint's), newest first."""
+        return {"items": store.evaluations(node_id)}
+
     @app.get("/v1/runs/diff", dependencies=read, tags=["query"])
     def diff_runs(a: int = Query(ge=1, le=MAX_ID), b: int = Query(ge=1, le=MAX_ID)) -> dict:
         """The difference between two runs' specs."""
@@ -271,4 +330,7 @@ def create_app(store: SqlLineage, tokens: Tokens) -> FastAPI:
         """The id of what an id, a URI or a name (run, deployment, pipeline, model) means."""
         return created(store.find(ref))
 
+    from flashops.api.lineage.ui import mount_ui
+
+    mount_ui(app, store, tokens)  # the dashboard under /ui (its own module; same tokens, read scope)
     return app

@@ -5,7 +5,8 @@
     run = lin.start_run("r", "TrainingRun", "sft", spec, spec_hash)
 
 Errors keep their type: 4xx answers raise the permanent InvalidInput/NotFound/Conflict/Unauthorized/
-Forbidden (do not retry), an unreachable server or a 5xx raises Unavailable (temporary: retry).
+Forbidden (do not retry), a 500 the permanent DatabaseError; an unreachable server or a 502/503/504 raises
+Unavailable (temporary: retry).
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from typing import Any, Iterable
 import httpx
 
 from flashops.api.lineage import validate as V
-from flashops.api.lineage.errors import (Conflict, Forbidden, InvalidInput, LineageError, NotFound, Unauthorized,
-                                         Unavailable)
+from flashops.api.lineage.errors import (Conflict, DatabaseError, Forbidden, InvalidInput, LineageError, NotFound,
+                                         Unauthorized, Unavailable)
 
 _BY_STATUS = {400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict,
-              422: InvalidInput}
+              422: InvalidInput, 500: DatabaseError}
 
 
 class HttpLineage:
@@ -58,9 +59,10 @@ class HttpLineage:
 
     # ------------------------------------------------------------------ recording
 
-    def upsert_dataset(self, uri: str, content_hash: str | None = None, version: str | None = None) -> int:
+    def upsert_dataset(self, uri: str, content_hash: str | None = None, version: str | None = None,
+                       derived_from: Any = None) -> int:
         return self._call("POST", "/v1/datasets", json={"uri": uri, "content_hash": content_hash,
-                                                         "version": version})["id"]
+                                                         "version": version, "derived_from": derived_from})["id"]
 
     def start_run(self, name: str, kind: str, stage: str, spec: dict, spec_hash: str, k8s_ref: Any = None,
                   consumed: Iterable[Any] = (), initialized_from: Any = None, pipeline: str | None = None) -> int:
@@ -96,6 +98,14 @@ class HttpLineage:
     def close_deployment(self, deployment_id: Any) -> None:
         self._call("POST", f"/v1/deployments/{V.node_id('deployment_id', deployment_id)}/close")
 
+    def record_metrics(self, run_id: Any, rows: list[dict]) -> int:
+        rid = V.node_id("run_id", run_id)
+        return self._call("POST", f"/v1/runs/{rid}/metrics", json={"rows": V.json_value("rows", list(rows))})["rows"]
+
+    def add_evaluation(self, target_id: Any, result: dict, name: str | None = None) -> int:
+        return self._call("POST", "/v1/evaluations", json={
+            "target_id": target_id, "result": V.json_object("result", result), "name": name})["id"]
+
     def record_events(self, events: list[dict]) -> list[Any]:
         return self._call("POST", "/v1/events", json={"events": events})["results"]
 
@@ -130,6 +140,12 @@ class HttpLineage:
 
     def diff_runs(self, a: Any, b: Any) -> dict:
         return self._call("GET", "/v1/runs/diff", params={"a": self._id(a), "b": self._id(b)})
+
+    def run_metrics(self, ref: Any, max_points: int = 2000) -> dict:
+        return self._call("GET", f"/v1/runs/{self._id(ref)}/metrics", params={"max_points": max_points})
+
+    def evaluations(self, target_id: Any) -> list[dict]:
+        return self._call("GET", f"/v1/nodes/{self._id(target_id)}/evaluations")["items"]
 
     def health(self) -> dict:
         return self._call("GET", "/healthz")

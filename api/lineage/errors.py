@@ -9,6 +9,7 @@ class LineageError(Exception):
     status = 400
     title = "Bad request"
     temporary = False
+    from_database = False  # raised because the database failed or refused (counted in /metrics)
 
 
 class InvalidInput(LineageError, ValueError):
@@ -46,3 +47,11 @@ class Conflict(LineageError):
 
     status = 409
     title = "Conflict"
+
+
+class DatabaseError(LineageError):
+    """The database refused a statement for a reason neither the input nor a retry explains (a bug or a
+    schema out of date): permanent, reported as 500 with the database's own message in the log."""
+
+    status = 500
+    title = "Internal error"

@@ -1,7 +1,7 @@
 """The lineage schema (SQLAlchemy 2). One id space for every artifact, so `lineage:<id>` is unambiguous
 and one edges table carries the whole graph (a recursive CTE walks it).
 
-    nodes        id, type (dataset|run|checkpoint|model|deployment), label, created_at
+    nodes        id, type (dataset|run|checkpoint|model|deployment|evaluation), label, created_at
     datasets     node_id, uri, content_hash, version                    key: (uri, content_hash, version)
     runs         node_id, name, kind, stage, pipeline, spec, spec_hash, status, timestamps, metrics, k8s_ref
                                                                         key: (name, spec_hash, k8s_uid)
@@ -9,10 +9,15 @@ and one edges table carries the whole graph (a recursive CTE walks it).
     models       node_id, checkpoint_id, uri, name, version, quantization, manifest_hash   key: uri
     deployments  node_id, model_id, name, namespace, k8s_ref, traffic_percent, started_at, ended_at
                                                       key: (namespace, name, k8s_uid, model_id) while open
-    edges        src_id -> dst_id, type (consumed|produced|initialized_from|exported_as|deployed_as)
+    evaluations  node_id, target_id, name, result (suites[].modes[]...), result_hash
+                                                                        key: (target_id, result_hash)
+    edges        src_id -> dst_id, type (consumed|produced|initialized_from|exported_as|deployed_as|evaluated_as)
+    run_metrics  run_id, step, metrics (that step's numbers: loss, lr, reward, ...)   key: (run_id, step)
 
 Edges point downstream (the way data flows): dataset -consumed-> run, checkpoint -initialized_from-> run,
-run -produced-> checkpoint, checkpoint -exported_as-> model, model|checkpoint -deployed_as-> deployment.
+run -produced-> checkpoint, checkpoint -exported_as-> model, model|checkpoint -deployed_as-> deployment,
+checkpoint|model -evaluated_as-> evaluation (`flashops eval` and the pipeline's eval stage),
+dataset -derived_as-> dataset (rows -> their prepared token shards; no schema change: edges.type is free text).
 Changing this file means a new revision in migrations/versions/.
 """
 from __future__ import annotations
@@ -24,8 +29,8 @@ from sqlalchemy import (JSON, BigInteger, DateTime, ForeignKey, Index, Integer, 
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-NODE_TYPES = ("dataset", "run", "checkpoint", "model", "deployment")
-EDGE_TYPES = ("consumed", "produced", "initialized_from", "exported_as", "deployed_as")
+NODE_TYPES = ("dataset", "run", "checkpoint", "model", "deployment", "evaluation")
+EDGE_TYPES = ("consumed", "produced", "initialized_from", "exported_as", "deployed_as", "derived_as", "evaluated_as")
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
 Id = BigInteger().with_variant(Integer(), "sqlite")
@@ -121,6 +126,19 @@ class Deployment(Base):
     )
 
 
+class Evaluation(Base):
+    """One evaluation of a checkpoint or model: the result `flashops eval` prints as JSON
+    ({"suites": [{"name", "sha256", "modes": [{"mode", "accuracy", ...}]}], "wall_s"}), recorded only once
+    complete. result_hash (sha256 of the canonical result) makes a repeated write the same node."""
+    __tablename__ = "evaluations"
+    node_id: Mapped[int] = _node_fk()
+    target_id: Mapped[int] = mapped_column(Id, ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(253), default="")
+    result: Mapped[dict] = mapped_column(Json)
+    result_hash: Mapped[str] = mapped_column(String(128))
+    __table_args__ = (UniqueConstraint("target_id", "result_hash"),)
+
+
 class Edge(Base):
     __tablename__ = "edges"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -128,3 +146,11 @@ class Edge(Base):
     dst_id: Mapped[int] = mapped_column(Id, ForeignKey("nodes.id", ondelete="CASCADE"), index=True)
     type: Mapped[str] = mapped_column(String(32))
     __table_args__ = (UniqueConstraint("src_id", "dst_id", "type"),)
+
+
+class RunMetrics(Base):
+    """A run's per-step metrics (not a node: curves are data about a run, not artifacts)."""
+    __tablename__ = "run_metrics"
+    run_id: Mapped[int] = mapped_column(Id, ForeignKey("nodes.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    metrics: Mapped[dict] = mapped_column(Json)

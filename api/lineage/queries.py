@@ -13,9 +13,11 @@ from sqlalchemy.orm import Session
 
 from flashops.api.lineage import validate as V
 from flashops.api.lineage.errors import InvalidInput, NotFound
-from flashops.api.lineage.models import (NODE_TYPES, Checkpoint, Dataset, Deployment, Edge, Model, Node, Run)
+from flashops.api.lineage.models import (NODE_TYPES, Checkpoint, Dataset, Deployment, Edge, Evaluation, Model, Node,
+                                         Run, RunMetrics)
 
-DETAIL = {"dataset": Dataset, "run": Run, "checkpoint": Checkpoint, "model": Model, "deployment": Deployment}
+DETAIL = {"dataset": Dataset, "run": Run, "checkpoint": Checkpoint, "model": Model, "deployment": Deployment,
+          "evaluation": Evaluation}
 MAX_DEPTH = 100
 MAX_LIMIT = 10_000
 _CHUNK = 500
@@ -49,6 +51,8 @@ def _details(type_: str, row: Any) -> dict:
     if type_ == "model":
         return {"uri": row.uri, "name": row.name, "version": row.version, "quantization": row.quantization,
                 "manifest_hash": row.manifest_hash or None, "checkpoint_id": row.checkpoint_id}
+    if type_ == "evaluation":
+        return {"target_id": row.target_id, "name": row.name or None, "result": row.result}
     return {"name": row.name, "namespace": row.namespace or None, "model_id": row.model_id,
             "traffic_percent": row.traffic_percent, "k8s_ref": row.k8s_ref,
             "started_at": _ts(row.started_at), "ended_at": _ts(row.ended_at)}
@@ -135,6 +139,8 @@ def resolve(s: Session, ref: Any) -> dict:
             return {**n, "checkpoint": ck, "model": n}
         if n["type"] == "deployment":
             return resolve(s, n["model_id"])
+        if n["type"] == "evaluation":  # what was evaluated
+            return resolve(s, n["target_id"])
         if n["type"] == "run":
             return _run_artifact(s, nid, n["name"])
         return {**n, "checkpoint": None, "model": None}
@@ -164,6 +170,22 @@ def _run_artifact(s: Session, run_id: int, name: str) -> dict:
     if ck is None:
         raise NotFound(f"run {name!r} (lineage:{run_id}) has no checkpoint yet: wait for its first save")
     return _servable(s, ck)
+
+
+def evaluations(s: Session, target: int, limit: int = 200) -> list[dict]:
+    """See SqlLineage.evaluations: the target's evaluations and, for a model, its checkpoint's; newest first."""
+    kind = s.scalar(select(Node.type).where(Node.id == target))
+    if kind not in ("checkpoint", "model"):
+        raise InvalidInput(f"lineage:{target} is {'a ' + kind if kind else 'missing'}: evaluations are of checkpoints "
+                           "and models")
+    targets = [target]
+    if kind == "model":
+        ck = s.scalar(select(Model.checkpoint_id).where(Model.node_id == target))
+        targets += [ck] if ck is not None else []
+    ids = list(s.scalars(select(Evaluation.node_id).where(Evaluation.target_id.in_(targets))
+                         .order_by(Evaluation.node_id.desc()).limit(_limit(limit))))
+    found = nodes(s, ids)
+    return [found[i] for i in ids]
 
 
 # ---------------------------------------------------------------------- graph queries
@@ -279,6 +301,33 @@ def _diff(x: Any, y: Any, path: str, out: list[dict]) -> None:
     elif x != y:
         out.append({"path": path or ".", "a": None if x is _MISSING else x, "b": None if y is _MISSING else y,
                     "change": "added" if x is _MISSING else "removed" if y is _MISSING else "changed"})
+
+
+def metric_curves(s: Session, run_id: int, max_points: int = 2000) -> dict:
+    """A run's per-step metrics as aligned series (one value or None per step), at most ~max_points steps:
+    past that, every stride-th row and the last one (a curve keeps its shape and its end)."""
+    max_points = V.optional_int("max_points", max_points, 2, MAX_LIMIT)
+    kind = s.scalar(select(Node.type).where(Node.id == run_id))
+    if kind != "run":
+        raise InvalidInput(f"lineage:{run_id} is {'a ' + kind if kind else 'missing'}, not a run: curves belong to runs")
+    rows = s.scalar(select(func.count()).select_from(RunMetrics).where(RunMetrics.run_id == run_id)) or 0
+    stride = max(1, -(-rows // max_points))
+    q = select(RunMetrics.step, RunMetrics.metrics).where(RunMetrics.run_id == run_id)
+    if stride > 1:
+        numbered = select(RunMetrics.step, RunMetrics.metrics,
+                          func.row_number().over(order_by=RunMetrics.step).label("n")).where(
+            RunMetrics.run_id == run_id).subquery()
+        q = select(numbered.c.step, numbered.c.metrics).where((numbered.c.n % stride == 0) | (numbered.c.n == rows))
+    picked = s.execute(q.order_by("step")).all()
+    names: dict[str, None] = {}
+    for _, m in picked:
+        names.update(dict.fromkeys(m))
+    series = {k: [_number(m.get(k)) for _, m in picked] for k in names}
+    return {"run_id": run_id, "steps": [st for st, _ in picked], "series": series, "rows": rows, "stride": stride}
+
+
+def _number(v: Any) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None  # "nan" strings: a gap
 
 
 def _limit(limit: Any) -> int:

@@ -22,9 +22,30 @@ def describe(node: dict) -> str:
         extra = f" {node.get('quantization')}" if node.get("quantization") not in (None, "none") else ""
     elif t == "deployment":
         extra = f" {node.get('traffic_percent')}%" + (" ended" if node.get("ended_at") else "")
+    elif t == "evaluation":
+        lines = evaluation_lines(node.get("result") or {})
+        extra = f": {lines[0]}" + (f" (+{len(lines) - 1} more)" if len(lines) > 1 else "") if lines else ""
     else:
         extra = ""
     return f"{t} {node['label']}{extra} [lineage:{node['id']}]"
+
+
+def _num(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def evaluation_lines(result: dict) -> list[str]:
+    """One line per suite and mode of an evaluation result (`flashops lineage show`, the tree)."""
+    lines = []
+    for suite in result.get("suites") or []:
+        for m in suite.get("modes") or []:
+            acc = m.get("acceptance_length") or {}
+            accept = " ".join(f"k{k}={_num(v, '.2f')}" for k, v in sorted(acc.items()) if v is not None)
+            lines.append(f"{suite.get('name')} {m.get('mode')}: accuracy {_num(m.get('accuracy'), '.3f')}, "
+                         f"{_num(m.get('mean_tokens'), '.1f')} tokens, {_num(m.get('accuracy_per_1k_tokens'), '.2f')}"
+                         f"/1k tokens" + (f", acceptance {accept}" if accept else "")
+                         + (f" ({m['tasks']} tasks)" if m.get("tasks") is not None else ""))
+    return lines
 
 
 def _children(walk: dict) -> dict[int, list[tuple[str, int]]]:

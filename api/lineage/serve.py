@@ -98,6 +98,29 @@ def run(db: str | None, host: str = "127.0.0.1", port: int = 8080, workers: int 
                 log_level=log_level)
 
 
+def open_dashboard(db: str | None, port: int = 8765, open_browser: bool = True, say=print) -> None:
+    """`flashops ui`: the dashboard over the local lineage (SQLite in $FLASHOPS_HOME by default) on 127.0.0.1
+    only, with a read-only token made for this process; the browser opens already logged in."""
+    import webbrowser
+
+    from flashops.api.lineage.store import default_sqlite_url
+
+    token = secrets.token_urlsafe(24)
+    server = start_in_thread(db or default_sqlite_url(), {token: frozenset({"read"})}, "127.0.0.1", port)
+    url = f"{server.url}/ui/login?token={token}"
+    say(f"flashops dashboard on {server.url}/ui over {server.store.engine.url!r} (Ctrl-C stops it)\n"
+        f"  open: {url}")
+    if open_browser and not webbrowser.open(url):
+        say("  (no browser found here: open the link above)")
+    try:
+        while server._thread.is_alive():
+            server._thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 

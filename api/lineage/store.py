@@ -9,6 +9,8 @@ the embedded default of `flashops run`.
     ck = lin.add_checkpoint(run, "file:///.../step-200", 200, "sha256:...", {"loss": 2.1})
     lin.finish_run(run, "succeeded", {"loss": 2.1})
     lin.resolve("quickstart")["uri"]                         # the pipeline's final checkpoint (or model)
+    ev = lin.add_evaluation(ck, {"suites": [...], "wall_s": 3.2})   # `flashops eval`'s result, once complete
+    lin.evaluations(ck)                                      # newest first
 
 Every write is one transaction (the artifact and its edges land together or not at all) and idempotent
 (natural keys: URI for datasets/checkpoints/models, name+spec_hash+k8s uid for runs, namespace+name+uid+
@@ -17,35 +19,41 @@ model for open deployments), so the trainer and the operator may retry any call.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
-import os
+import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from sqlalchemy import bindparam, create_engine, event, func, insert, null, select, update
+from sqlalchemy import bindparam, case, create_engine, event, func, insert, null, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from flashops.api.lineage import migrate, queries
 from flashops.api.lineage import validate as V
-from flashops.api.lineage.errors import Conflict, InvalidInput, NotFound, Unavailable
-from flashops.api.lineage.models import Checkpoint, Dataset, Deployment, Edge, Model, Node, Run, utcnow
+from flashops.api.lineage.errors import (Conflict, DatabaseError, InvalidInput, LineageError, NotFound,
+                                          Unavailable)
+from flashops.api.lineage.models import (Checkpoint, Dataset, Deployment, Edge, Evaluation, Model, Node, Run, RunMetrics,
+                                         utcnow)
 
 T = TypeVar("T")
 WRITE_OPS = ("upsert_dataset", "start_run", "finish_run", "add_checkpoint", "add_model", "add_deployment",
-             "close_deployment")
+             "close_deployment", "record_metrics", "add_evaluation")
+MAX_METRIC_ROWS = 10_000  # per call: a trainer reports every few steps, so one call is never near it
 URI_SCHEMES = ("s3://", "file://", "builtin:", "gs://", "hf://", "http://", "https://")
 
 
 def default_sqlite_url() -> str:
-    home = Path(os.environ.get("FLASHOPS_HOME") or Path.home() / ".flashops")
-    return f"sqlite:///{home / 'lineage.db'}"
+    from flashops.api.home import flashops_home
+
+    return f"sqlite:///{flashops_home() / 'lineage.db'}"
 
 
 def make_engine(url: str) -> Engine:
@@ -71,6 +79,43 @@ def make_engine(url: str) -> Engine:
     raise InvalidInput(f"database url {url!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST:PORT/DB")
 
 
+# SQLSTATE classes a retry can cure: connection (08), resources (53), shutdown/cancel/statement timeout (57),
+# deadlock and serialization (40001, 40P01), lock timeout (55P03). Everything else is permanent.
+_TRANSIENT_CLASSES = ("08", "53", "57")
+_TRANSIENT_STATES = ("40001", "40P01", "55P03")
+_SQLITE_TRANSIENT = ("database is locked", "database is busy", "unable to open database", "disk i/o error")
+
+
+def database_error(e: Exception) -> LineageError:
+    err = _classify(e)
+    err.from_database = True
+    return err
+
+
+def _classify(e: Exception) -> LineageError:
+    """The one place that decides whether a database failure is worth a retry: only connection loss and
+    timeouts are Unavailable (503, temporary). A value the database cannot hold (class 22 data exception,
+    class 54 program limit, e.g. an index row too large) is InvalidInput (422, permanent): retrying the
+    same request can never succeed. Anything else is DatabaseError (500, permanent)."""
+    if isinstance(e, PoolTimeout):
+        return Unavailable(f"lineage database busy: no connection free ({e})")
+    orig = getattr(e, "orig", None)
+    message = str(orig or e).strip().splitlines()[0] if str(orig or e).strip() else type(e).__name__
+    state = getattr(orig, "sqlstate", None) or ""
+    if isinstance(e, DBAPIError) and e.connection_invalidated:
+        return Unavailable(f"lineage database connection lost: {message}")
+    if state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES:
+        return Unavailable(f"lineage database error (retry): {message}")
+    if not state and isinstance(e, OperationalError):
+        # psycopg sets no SQLSTATE when it cannot connect or lost the connection; SQLite never sets one
+        sqlite = type(orig).__module__.startswith("sqlite3")
+        if not sqlite or message.lower().startswith(_SQLITE_TRANSIENT):
+            return Unavailable(f"lineage database error (retry): {message}")
+    if state[:2] in ("22", "54") or (not state and e.__class__.__name__ == "DataError"):
+        return InvalidInput(f"the database cannot store this value ({message}): send a smaller or simpler value")
+    return DatabaseError(f"lineage database error: {message}")
+
+
 def is_uri(ref: str) -> bool:
     return ref.startswith(URI_SCHEMES) or "://" in ref
 
@@ -85,8 +130,8 @@ class SqlLineage:
         if migrate_on_open:
             try:
                 migrate.upgrade(self.engine)
-            except OperationalError as e:
-                raise Unavailable(f"cannot open the lineage database {self.engine.url!r}: {e.orig}") from None
+            except (OperationalError, PoolTimeout) as e:
+                raise Unavailable(f"cannot open the lineage database {self.engine.url!r}: {getattr(e, 'orig', e)}") from None
 
     def __repr__(self) -> str:
         return f"SqlLineage({self.engine.url!r})"
@@ -109,8 +154,8 @@ class SqlLineage:
             except IntegrityError:
                 if attempt:
                     raise
-            except OperationalError as e:
-                raise Unavailable(f"lineage database error: {e.orig}") from None
+            except (DBAPIError, PoolTimeout) as e:
+                raise database_error(e) from None
         raise AssertionError("unreachable")
 
     @contextmanager
@@ -129,10 +174,10 @@ class SqlLineage:
         except IntegrityError:
             raise _Race("a concurrent writer recorded the same artifact while this batch ran: send the batch "
                         "again (recording is idempotent)") from None
-        except OperationalError as e:
-            if getattr(e.orig, "sqlstate", None) in ("40P01", "40001"):  # deadlock / serialization: retry
+        except (DBAPIError, PoolTimeout) as e:
+            if getattr(getattr(e, "orig", None), "sqlstate", None) in ("40P01", "40001"):  # deadlock / serialization
                 raise _Race(f"concurrent batches collided ({e.orig}): send the batch again") from None
-            raise Unavailable(f"lineage database error: {e.orig}") from None
+            raise database_error(e) from None
 
     def record_events(self, events: list[dict]) -> list[Any]:
         """Apply write events {"op": "start_run", "args": {...}} in one transaction, in order; an argument
@@ -167,20 +212,37 @@ class SqlLineage:
                     raise type(e)(f"events[{i}] ({op}): {e}") from None
         return results
 
+    def read(self, fn: Callable[[Session], T]) -> T:
+        """fn(session) in one read session (the dashboard's pages query through it)."""
+        return self._read(fn)
+
     def _read(self, fn: Callable[[Session], T]) -> T:
         try:
             with Session(self.engine) as s:
                 return fn(s)
-        except OperationalError as e:
-            raise Unavailable(f"lineage database error: {e.orig}") from None
+        except (DBAPIError, PoolTimeout) as e:
+            raise database_error(e) from None
 
     # ------------------------------------------------------------------ recording
 
-    def upsert_dataset(self, uri: str, content_hash: str | None = None, version: str | None = None) -> int:
+    def upsert_dataset(self, uri: str, content_hash: str | None = None, version: str | None = None,
+                       derived_from: Any = None) -> int:
+        """A dataset version; derived_from (an id or a dataset URI) records the edge source -derived_as-> it."""
         uri = V.text("uri", uri, 2048)
         content_hash = V.text("content_hash", content_hash, 128, required=False)
         version = V.text("version", version, 128, required=False)
-        return self._write(lambda s: _dataset(s, uri, content_hash, version))
+
+        def record(s: Session) -> int:
+            ds = _dataset(s, uri, content_hash, version)
+            if derived_from is not None:
+                src = (_node_of_type(s, "derived_from", derived_from, ("dataset",), "a dataset derives from a dataset")
+                       if V.is_id(derived_from) else _input_node(s, "derived_from", derived_from))
+                if src == ds:
+                    raise InvalidInput(f"derived_from: lineage:{src} is the dataset itself")
+                _edge(s, src, ds, "derived_as")
+            return ds
+
+        return self._write(record)
 
     def start_run(self, name: str, kind: str, stage: str, spec: dict, spec_hash: str, k8s_ref: Any = None,
                   consumed: Iterable[Any] = (), initialized_from: Any = None, pipeline: str | None = None) -> int:
@@ -215,9 +277,16 @@ class SqlLineage:
 
         def record(s: Session) -> None:
             _require(s, rid, "run", "run_id")
-            # the first report of the end wins (a repeat changes nothing); back to running clears it
-            _x(s, _FINISH[(status == "running", bool(metrics))],
-               {"rid": rid, "status": status, "now": utcnow(), "metrics": metrics})
+            # status moves forward only (V.STATUS_FROM); the first report of the end wins, a repeat changes nothing
+            params = {"rid": rid, "status": status, "now": utcnow(), "allowed": list(V.STATUS_FROM[status])}
+            if metrics:  # only then: Core would turn an unused "metrics" key into SET metrics = {}
+                params["metrics"] = metrics
+            done = _x(s, _FINISH[(status == "running", bool(metrics))], params)
+            if done.rowcount == 0:
+                current = _x(s, _STATUS_OF, {"rid": rid}).scalar()
+                raise Conflict(f"status: run lineage:{rid} is already {current}, so it cannot become {status}: a run's "
+                               "status only moves forward (running -> failed -> succeeded or cancelled); record a "
+                               "new run to train again")
 
         self._write(record)
 
@@ -307,7 +376,56 @@ class SqlLineage:
 
         self._write(record)
 
+    def record_metrics(self, run_id: Any, rows: list[dict]) -> int:
+        """Per-step metrics of a run: rows like {"step": 12, "loss": 2.3, "lr": 1e-3}. A step reported again
+        (a resumed run redoing it) replaces the earlier row. Returns how many rows were recorded."""
+        rid = V.node_id("run_id", run_id)
+        clean = metric_rows(rows)
+
+        def record(s: Session) -> int:
+            _require(s, rid, "run", "run_id")
+            if clean:
+                _x(s, _METRICS_UPSERT[s.bind.dialect.name == "postgresql"],
+                   [{"run_id": rid, "step": step, "metrics": m} for step, m in clean])
+            return len(clean)
+
+        return self._write(record)
+
+    def add_evaluation(self, target_id: Any, result: dict, name: str | None = None) -> int:
+        """An evaluation of a checkpoint or model (an id, or its URI): `result` is what `flashops eval --json`
+        prints ({"suites": [{"name", "sha256", "modes": [{"mode", "accuracy", ...}]}], "wall_s"}). Call it
+        only when the evaluation is complete. The same result for the same target again is the same node."""
+        result = V.evaluation_result("result", result)
+        name = V.text("name", name, 253, required=False)
+        digest = "sha256:" + hashlib.sha256(json.dumps(result, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        if not (V.is_id(target_id) or isinstance(target_id, str)):
+            raise InvalidInput(f"target_id: {target_id!r} is neither a lineage id nor a checkpoint or model URI")
+
+        def record(s: Session) -> int:
+            target = _evaluated_node(s, target_id)
+            found = s.scalar(select(Evaluation.node_id).where(Evaluation.target_id == target,
+                                                              Evaluation.result_hash == digest))
+            if found is not None:
+                return found
+            suites = ", ".join(str(x.get("name")) for x in result["suites"])
+            label = f"{name or 'eval'} of lineage:{target}: {suites}"
+            return _new_node(s, "evaluation", label, Evaluation, (target, "evaluated_as"), target_id=target,
+                             name=name, result=result, result_hash=digest)
+
+        return self._write(record)
+
     # ------------------------------------------------------------------ resolving and queries
+
+    def evaluations(self, target_id: Any) -> list[dict]:
+        """The evaluations of a checkpoint or model (an id, a URI or a name `find` knows), newest first; for a
+        model, also those of the checkpoint it was exported from (the same weights; the eval stage evaluates
+        checkpoints). Each: {"id", "ref", "created_at", "target_id", "name", "result", "label", "type"}."""
+        return self._read(lambda s: queries.evaluations(s, queries.find(s, target_id)))
+
+    def run_metrics(self, ref: Any, max_points: int = 2000) -> dict:
+        """A run's curves: {"run_id", "steps": [...], "series": {name: [value or None per step]}, "rows",
+        "stride"}; over `max_points` steps, every stride-th step (and the last) is returned."""
+        return self._read(lambda s: queries.metric_curves(s, queries.find(s, ref), max_points))
 
     def resolve(self, ref: Any) -> dict:
         """"lineage:<id>", a checkpoint/model URI, a run, pipeline or deployment name -> the artifact to
@@ -365,13 +483,23 @@ _DATASET_BY_KEY = select(Dataset.node_id).where(Dataset.uri == bindparam("uri"),
                                                 Dataset.content_hash == bindparam("content_hash"),
                                                 Dataset.version == bindparam("version"))
 _DATASET_BY_URI = select(Dataset.node_id).where(Dataset.uri == bindparam("uri")).order_by(Dataset.node_id.desc()).limit(1)
-# finish_run: (back to running?, new metrics?) -> statement; the first reported end time wins
+# finish_run: (back to running?, new metrics?) -> statement, applied only from an allowed status (V.STATUS_FROM);
+# a repeat of the same end keeps the first reported end time
 _FINISH = {
-    (running, with_metrics): update(Run).where(Run.node_id == bindparam("rid")).values(
+    (running, with_metrics): update(Run).where(Run.node_id == bindparam("rid"),
+                                               Run.status.in_(bindparam("allowed", expanding=True))).values(
         status=bindparam("status"),
-        finished_at=null() if running else func.coalesce(Run.finished_at, bindparam("now", type_=Run.finished_at.type)),
+        finished_at=null() if running else case(
+            (Run.status == bindparam("status"), func.coalesce(Run.finished_at, bindparam("now", type_=Run.finished_at.type))),
+            else_=bindparam("now", type_=Run.finished_at.type)),
         **({"metrics": bindparam("metrics", type_=Run.metrics.type)} if with_metrics else {}))
     for running in (False, True) for with_metrics in (False, True)}
+_STATUS_OF = select(Run.status).where(Run.node_id == bindparam("rid"))
+_METRICS_UPSERT = {pg: (lambda stmt: stmt.on_conflict_do_update(
+    index_elements=["run_id", "step"], set_={"metrics": stmt.excluded.metrics}))(
+    (pg_insert if pg else sqlite_insert)(RunMetrics).values(
+        run_id=bindparam("run_id"), step=bindparam("step"), metrics=bindparam("metrics", type_=RunMetrics.metrics.type)))
+    for pg in (False, True)}
 _NEW_NODE = insert(Node).values(type=bindparam("n_type"), label=bindparam("n_label"),
                                 created_at=bindparam("n_at", type_=Node.created_at.type)).returning(Node.id)
 _NEW_EDGE = insert(Edge).values(src_id=bindparam("e_src"), dst_id=bindparam("e_dst"), type=bindparam("e_type"))
@@ -505,6 +633,20 @@ def _init_node(s: Session, ref: Any) -> int:
     return queries.resolve(s, ref)["checkpoint"]["id"]
 
 
+def _evaluated_node(s: Session, ref: Any) -> int:
+    """What an evaluation is of: a checkpoint or model id, or a recorded checkpoint/model URI."""
+    if V.is_id(ref):
+        return _node_of_type(s, "target_id", ref, ("checkpoint", "model"),
+                             "an evaluation is of a checkpoint or a model")
+    uri = V.text("target_id", ref, 2048)
+    for table in (Checkpoint, Model):
+        found = s.scalar(select(table.node_id).where(table.uri == uri))
+        if found is not None:
+            return found
+    raise NotFound(f"target_id: no checkpoint or model is recorded at {uri}: record it first (a run's checkpoint, "
+                   "an export) or pass its lineage id")
+
+
 def _served_node(s: Session, model_ref: Any, deployment_name: str) -> int:
     """What a deployment serves: a model or checkpoint id, or a URI (an unknown one becomes an external model)."""
     if V.is_id(model_ref):
@@ -521,8 +663,32 @@ def _served_node(s: Session, model_ref: Any, deployment_name: str) -> int:
                      name=deployment_name, version="external", quantization="none", manifest_hash="")
 
 
+def metric_rows(rows: Any) -> list[tuple[int, dict]]:
+    """[(step, {name: number})] from a trainer's rows; the field names say which row and which key is wrong."""
+    if not isinstance(rows, (list, tuple)):
+        raise InvalidInput(f"rows: expected a list of {{step, name: value}} objects, got {type(rows).__name__}")
+    if len(rows) > MAX_METRIC_ROWS:
+        raise InvalidInput(f"rows: {len(rows)} rows in one call; send at most {MAX_METRIC_ROWS} per call")
+    out: dict[int, dict] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InvalidInput(f"rows[{i}]: expected an object like {{\"step\": 1, \"loss\": 2.3}}")
+        step = V.optional_int(f"rows[{i}].step", row.get("step"), 0)
+        if step is None:
+            raise InvalidInput(f"rows[{i}].step: missing: every row names the step it was measured at")
+        values = {}
+        for k, v in row.items():
+            if k == "step":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) and v not in (None, "nan", "inf", "-inf"):
+                raise InvalidInput(f"rows[{i}].{k}: {v!r} is not a number: curves hold numbers (or null)")
+            values[V.text(f"rows[{i}] key", k, 64)] = v
+        out[step] = V.json_object(f"rows[{i}]", values)
+    return sorted(out.items())
+
+
 def _backref(value: Any, results: list[Any]) -> Any:
-    if isinstance(value, str) and value.startswith("$") and value[1:].isdigit():
+    if isinstance(value, str) and value.startswith("$") and V.is_ascii_number(value[1:]):
         i = int(value[1:])
         if i >= len(results):
             raise InvalidInput(f"{value}: refers to event {i}, but only {len(results)} came before it")

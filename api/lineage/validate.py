@@ -11,6 +11,10 @@ from flashops.api.lineage.errors import InvalidInput
 LINEAGE_PREFIX = "lineage:"
 MAX_ID = 2**63 - 1
 RUN_STATUSES = ("running", "succeeded", "failed", "cancelled")
+# A run's status only moves forward. `failed` is not final: a resumed attempt of the same run (the operator's
+# retry, `flashops run` again) may still succeed, or the user may cancel it; succeeded and cancelled are final.
+STATUS_FROM = {"running": ("running",), "failed": ("running", "failed"),
+               "succeeded": ("running", "failed", "succeeded"), "cancelled": ("running", "failed", "cancelled")}
 _STATUS_SYNONYMS = {"completed": "succeeded", "complete": "succeeded", "success": "succeeded", "done": "succeeded",
                     "error": "failed", "canceled": "cancelled", "started": "running"}
 
@@ -23,9 +27,10 @@ def text(field: str, value: Any, max_len: int, *, required: bool = True) -> str:
         raise InvalidInput(f"{field}: expected a string, got {type(value).__name__} {_short(value)}")
     if required and not value:
         raise InvalidInput(f"{field}: must not be empty")
-    if len(value) > max_len:
-        raise InvalidInput(f"{field}: {len(value)} characters is too long: at most {max_len}")
     _storable(field, value)
+    size = len(value.encode("utf-8"))
+    if size > max_len:  # bytes, not characters: an index row holds bytes (4 per emoji)
+        raise InvalidInput(f"{field}: {size} bytes (UTF-8) is too long: at most {max_len} bytes; shorten it")
     return value
 
 
@@ -75,12 +80,38 @@ def json_object(field: str, value: Any) -> dict:
     return json_value(field, value)
 
 
+EVAL_MODES = ("thinking", "non-thinking")
+
+
+def evaluation_result(field: str, value: Any) -> dict:
+    """An evaluation's result as `flashops eval --json` prints it: {"suites": [{"name", "sha256", "modes":
+    [{"mode": "thinking"|"non-thinking", "accuracy", ...}]}], ...}; other keys are kept as they are."""
+    result = json_object(field, value)
+    suites = result.get("suites")
+    if not isinstance(suites, list) or not suites:
+        raise InvalidInput(f"{field}.suites: expected a non-empty list of suites "
+                           '(e.g. [{"name": "builtin:chat-smoke", "sha256": "...", "modes": [...]}])')
+    for i, suite in enumerate(suites):
+        where = f"{field}.suites[{i}]"
+        if not isinstance(suite, dict):
+            raise InvalidInput(f"{where}: expected an object with name, sha256 and modes")
+        text(f"{where}.name", suite.get("name"), 2048)
+        modes = suite.get("modes")
+        if not isinstance(modes, list):
+            raise InvalidInput(f"{where}.modes: expected a list of {{mode, accuracy, ...}} objects")
+        for j, mode in enumerate(modes):
+            if not isinstance(mode, dict) or mode.get("mode") not in EVAL_MODES:
+                got = mode.get("mode") if isinstance(mode, dict) else mode
+                raise InvalidInput(f"{where}.modes[{j}].mode: {_short(got)} is not one of {', '.join(EVAL_MODES)}")
+    return result
+
+
 def node_id(field: str, value: Any) -> int:
     """An id as the API hands them out: 42, "42" or "lineage:42"."""
     raw = value
     if isinstance(value, str):
         s = value[len(LINEAGE_PREFIX):] if value.startswith(LINEAGE_PREFIX) else value
-        if not s.isdigit():
+        if not is_ascii_number(s):
             raise InvalidInput(f"{field}: {_short(raw)} is not a lineage id: use a number or lineage:<number>")
         value = int(s)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -90,12 +121,18 @@ def node_id(field: str, value: Any) -> int:
     return value
 
 
+def is_ascii_number(s: str) -> bool:
+    """"42", not "¹" or "٤٢": str.isdigit() accepts every Unicode digit, and int() then fails or decodes
+    Arabic-Indic digits as an id nobody wrote."""
+    return s.isascii() and s.isdigit()
+
+
 def is_id(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
         return True
-    return isinstance(value, str) and (value.isdigit() or value.startswith(LINEAGE_PREFIX))
+    return isinstance(value, str) and (is_ascii_number(value) or value.startswith(LINEAGE_PREFIX))
 
 
 def status(value: Any) -> str:

@@ -28,7 +28,7 @@ def test_validate_bad_stage_exits_2_with_the_message(tmp_path):
     out = flashops("validate", "-f", str(bad))
     assert out.returncode == 2
     assert ("quickstart.yaml: TrainingPipeline/quickstart: spec.stages[1].spec.stage: "
-            "'stf' is not one of pretrain, sft, dpo, rl") in out.stderr
+            "'stf' is not one of pretrain, sft, dpo, rl, eval") in out.stderr
 
 
 def test_validate_usage_errors_exit_2(tmp_path):
@@ -103,3 +103,15 @@ def test_rl_summary_reports_each_metric_with_its_own_direction():
     text = console.export_text()
     assert "sampled reward (what RL optimises) rose (0.094 -> 0.125)" in text
     assert "greedy accuracy fell (0.146 -> 0.125)" in text
+
+
+def test_validate_refuses_names_the_children_would_refuse(tmp_path):
+    """Issue 17 item 3: `9lives` passed validate, then the TrainJob CRD refused the child (RFC 1035)."""
+    doc = yaml.safe_load((ROOT / "examples" / "pretrain.yaml").read_text())
+    doc["metadata"]["name"] = "9lives"
+    bad = tmp_path / "run.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    out = flashops("validate", "-f", str(bad))
+    assert out.returncode == 2
+    assert "metadata.name: '9lives' is not a valid name" in out.stderr and "starting with a letter" in out.stderr
+    assert "e.g. 'lives'" in out.stderr

@@ -72,3 +72,71 @@ def test_crd_yaml_is_the_generated_set():
     assert [d["spec"]["names"]["kind"] for d in docs] == list(KINDS)
     assert {d["metadata"]["name"] for d in docs} == {
         "trainingruns.flashops.dev", "trainingpipelines.flashops.dev", "modeldeployments.flashops.dev"}
+
+
+# Names and cross-field rules (issue 17 item 3): `flashops validate` (pydantic) and the CRD (CEL, what
+# `kubectl apply` runs) make the same decision. Before, the CRD took every one of these, and the child
+# (or the operator, in status) refused them only afterwards.
+def _obj(kind, name, spec):
+    return {"apiVersion": "flashops.dev/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+STAGE = {"stage": "sft"}
+REFUSED = [
+    ("TrainingRun", "9lives", STAGE, "RFC 1035 label"),
+    ("TrainingRun", "run.v1", STAGE, "RFC 1035 label"),
+    ("TrainingRun", "r" * 64, STAGE, "at most 63"),
+    ("ModelDeployment", "m" * 48, {"source": "s3://b/m"}, "at most 47"),
+    ("TrainingPipeline", "p" * 50, {"stages": [{"name": "pretrain-stage", "spec": {"stage": "pretrain"}}]}, "at most 63"),
+    ("TrainingPipeline", "p", {"stages": [{"name": "a", "spec": STAGE}, {"name": "a", "spec": STAGE}]},
+     "Duplicate value|must be unique"),
+    ("TrainingRun", "rl", {"stage": "rl", "rl": {"delta": 0.4, "cPlus": 0.3, "cMinus": 0.3}}, "cPlus"),
+    ("TrainingRun", "cp", {"stage": "rl", "rl": {"delta": 0.4, "cPlus": 0.5}}, "below delta"),
+    ("TrainingRun", "mb", {"stage": "sft", "training": {"batchSize": 8, "microBatchSize": 3}}, "microBatchSize"),
+    ("TrainingRun", "ep", {"stage": "sft", "parallelism": {"procsPerNode": 2, "ep": 4}}, "ep"),
+    ("TrainingRun", "dp", {"stage": "sft", "parallelism": {"procsPerNode": 4, "dpShard": 3}}, "dpShard"),
+    ("ModelDeployment", "rep", {"source": "r", "replicas": {"min": 3, "max": 2}}, "max"),
+]
+ACCEPTED = [
+    ("TrainingRun", "lives9", STAGE),
+    ("TrainingRun", "r" * 63, STAGE),
+    ("ModelDeployment", "m" * 47, {"source": "s3://b/m"}),
+    ("TrainingPipeline", "p" * 50, {"stages": [{"name": "pretrain-stg", "spec": {"stage": "pretrain"}}]}),
+    ("TrainingPipeline", "p", {"stages": [{"name": "1st", "spec": STAGE}, {"name": "2nd", "spec": STAGE}]}),
+    ("TrainingRun", "rl", {"stage": "rl", "rl": {"delta": 0.7, "cPlus": 0.1, "cMinus": 0.6}}),
+    ("TrainingRun", "mb", {"stage": "sft", "training": {"batchSize": 8, "microBatchSize": 4}}),
+    ("TrainingRun", "ep", {"stage": "sft", "parallelism": {"nodes": 2, "procsPerNode": 2, "ep": 4, "dpShard": 2}}),
+    ("ModelDeployment", "rep", {"source": "r", "replicas": {"min": 0, "max": 2}}),
+]
+
+
+@pytest.mark.parametrize("kind, name, spec, words", REFUSED, ids=[f"{k}-{n[:10]}" for k, n, *_ in REFUSED])
+def test_validate_and_the_crd_refuse_the_same_names_and_cross_field_mistakes(kind, name, spec, words):
+    from flashops.api.spec import SpecError, parse_object
+
+    crd_words, _, spec_words = words.partition("|")
+    doc = _obj(kind, name, spec)
+    crd_errors = VALIDATORS[kind].errors(doc)
+    assert crd_errors and any(crd_words in e for e in crd_errors), crd_errors
+    with pytest.raises(SpecError) as e:
+        parse_object(doc)
+    assert (spec_words or crd_words) in str(e.value)
+
+
+@pytest.mark.parametrize("kind, name, spec", ACCEPTED, ids=[f"{k}-{n[:10]}" for k, n, _ in ACCEPTED])
+def test_validate_and_the_crd_accept_the_same_boundary_cases(kind, name, spec):
+    from flashops.api.spec import parse_object
+
+    doc = _obj(kind, name, spec)
+    assert VALIDATORS[kind].errors(doc) == []
+    assert VALIDATORS[kind].errors(parse_object(doc).to_dict()) == []
+
+
+def test_pipeline_stages_are_a_list_map_keyed_by_name():
+    """Issue 17 item 2: an atomic list makes `kubectl apply --server-side` conflict on .spec.stages after a
+    client-side apply; a list map merges stage by stage. Map keys must be required, as the server demands."""
+    stages = crds.crd("TrainingPipeline")["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"]["stages"]
+    assert stages["x-kubernetes-list-type"] == "map" and stages["x-kubernetes-list-map-keys"] == ["name"]
+    assert "name" in stages["items"]["required"]
+    assert stages["items"]["properties"]["name"]["maxLength"] == 63 and stages["maxItems"] >= 4

@@ -40,7 +40,16 @@ def test_round_trip_keeps_camel_case_and_defaults():
     d = run.to_dict()
     assert d["spec"]["rl"]["groupSize"] == 8 and d["spec"]["rl"]["algorithm"] == "gspo"
     assert d["spec"]["backoffLimit"] == 3 and "group_size" not in str(d)
-    assert run.spec.rl.c_plus_value == pytest.approx(0.2) and run.spec.rl.c_minus_value == pytest.approx(0.2)
+    # issue 16: FiberPO's C- < C+ by default (0.25 / 0.15 at delta 0.4); GSPO's eps from its paper
+    assert run.spec.rl.c_plus_value == pytest.approx(0.25) and run.spec.rl.c_minus_value == pytest.approx(0.15)
+    assert run.spec.rl.policy_loss_kwargs() == {"eps": 3e-4, "eps_high": 4e-4}
+    # the curriculum as published by default; the old boolean form still reads (as {enabled: ...})
+    assert d["spec"]["rl"]["curriculum"] == {"enabled": True, "profile": True, "profileRollouts": 10, "dropSolved": True}
+    for old, enabled in (("true", True), ("false", False)):
+        (r,) = load_text(RUN % "rl" + f"  rl: {{curriculum: {old}}}\n")
+        assert r.spec.rl.curriculum.enabled is enabled and r.spec.rl.curriculum.profile
+    (r,) = load_text(RUN % "rl" + "  rl: {curriculum: {profileRollouts: 4, dropSolved: false}}\n")
+    assert r.spec.rl.curriculum.profile_rollouts == 4 and not r.spec.rl.curriculum.drop_solved
 
 
 def test_misspelt_stage_message_has_the_documented_shape():
@@ -70,6 +79,7 @@ spec:
         ("  rl: {algoritm: fiberpo}\n", "spec.rl.algoritm: unknown field; did you mean 'algorithm'?"),
         ("  rl: {algorithm: ppo}\n", "spec.rl.algorithm: 'ppo' is not one of fiberpo, grpo, gspo"),
         ("  rl: {cPlus: 0.3, cMinus: 0.3}\n", "cPlus 0.3 + cMinus 0.3 must equal delta 0.4"),
+        ("  rl: {curriculum: {profileRollouts: 0}}\n", "spec.rl.curriculum.profileRollouts: 0 "),
         ("  model: {preset: joyai-huge}\n", "spec.model.preset: 'joyai-huge' is not one of joyai-flash-debug"),
         ("  data: {uri: 'http://x/y'}\n", "spec.data.uri: 'http://x/y' has no supported scheme"),
         ("  parallelism: {procsPerNode: 3, ep: 2}\n", "ep 2 does not divide the world size 3"),
@@ -95,7 +105,7 @@ def test_kind_api_version_and_name_errors():
 
 def test_deployment_constraints():
     base = "apiVersion: flashops.dev/v1alpha1\nkind: ModelDeployment\nmetadata: {name: d}\nspec:\n  source: r\n"
-    assert "spec.speculative.mtpTokens: 4 is invalid" in one_error(base + "  speculative: {mtpTokens: 4}\n")
+    assert "spec.speculative.mtpTokens: 4 is not a number of draft tokens: use 0 (off) to 3, or auto" in one_error(base + "  speculative: {mtpTokens: 4}\n")
     assert "min 3 is larger than max 1" in one_error(base + "  replicas: {min: 3, max: 1}\n")
     (d,) = load_text(base + "  replicas: {min: 0, max: 1}\n")
     assert d.spec.replicas.min == 0

@@ -76,3 +76,42 @@ def test_chart_crds_accept_the_quickstart_and_reject_a_bad_run(k8s_bare, tmp_pat
                    "spec: {stage: rl, rl: {groupSize: four}}\n")
     proc = k8s_bare.kubectl("apply", "--validate=false", "-f", str(bad), check=False)
     assert proc.returncode != 0 and "spec.rl.groupSize" in proc.stderr
+
+
+def _namespaced_setup(namespaces: str, *values: str) -> list[dict]:
+    """The chart's Namespaces and Secrets (what a real install writes into client namespaces), rendered by helm."""
+    from fixtures.helm import parse_manifests, template
+
+    objs = parse_manifests(template("--set", f"clientNamespaces={{{namespaces}}}", *values))
+    return [o for o in objs if o["kind"] in ("Namespace", "Secret")]
+
+
+def test_client_namespaces_are_created_by_the_chart(k8s_bare, tmp_path):
+    """Issue 17 item 5: `helm install` failed with `namespaces "team-b" not found` when a clientNamespaces
+    entry did not exist. createClientNamespaces (default on) creates them, kept on uninstall; the
+    default and release namespaces are never rendered (they exist)."""
+    import yaml
+
+    objs = _namespaced_setup("default,team-a,team-b")
+    created = [o for o in objs if o["kind"] == "Namespace"]
+    assert [o["metadata"]["name"] for o in created] == ["team-a", "team-b"]
+    assert all(o["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for o in created)
+    assert {s["metadata"]["namespace"] for s in objs if s["kind"] == "Secret"} == {NAMESPACE, "default", "team-a", "team-b"}
+    k8s_bare.kubectl("apply", "--validate=false", "-f", "-",  # helm install --create-namespace
+                     input=yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}))
+    manifest = tmp_path / "setup.yaml"
+    manifest.write_text(yaml.safe_dump_all(objs))
+    k8s_bare.kubectl("apply", "--validate=false", "-f", str(manifest))
+    assert k8s_bare.find("v1", "secrets", "flashops-s3", namespace="team-b") is not None
+
+    # Switched off: the chart renders no Namespace, and the API server refuses the Secrets (what users saw).
+    off = _namespaced_setup("default,team-c", "--set", "createClientNamespaces=false")
+    assert not [o for o in off if o["kind"] == "Namespace"]
+    manifest.write_text(yaml.safe_dump_all(off))
+    proc = k8s_bare.kubectl("apply", "--validate=false", "-f", str(manifest), check=False)
+    assert proc.returncode != 0 and 'namespaces "team-c" not found' in proc.stderr
+
+
+def test_values_say_how_to_live_without_created_namespaces():
+    values = (CHART / "values.yaml").read_text()
+    assert "createClientNamespaces: true" in values and "kubectl create namespace" in values

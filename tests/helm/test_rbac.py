@@ -25,10 +25,12 @@ ALLOWED = (
     | _grants("flashops.dev", ["trainingruns/finalizers", "trainingpipelines/finalizers", "modeldeployments/finalizers"],
               {"update"})
     | _grants("kubeflow.org", ["pytorchjobs"], MANAGE)
+    | _grants("batch", ["jobs"], MANAGE)
     | _grants("trainer.kubeflow.org", ["trainjobs"], MANAGE)
     | _grants("serving.kserve.io", ["inferenceservices"], MANAGE)
     | _grants("", ["configmaps"], MANAGE)           # the rendered spec each trainer pod mounts
-    | _grants("", ["events"], {"create"})           # kopf's handler events
+    | _grants("", ["pods"], {"get", "list"})         # a failed attempt's termination message (exit 2: no retry)
+    | _grants("", ["events"], {"create"})           # the operator's decisions (operator/events.py), kopf's errors
     | _grants("apiextensions.k8s.io", ["customresourcedefinitions"], {"list", "watch"})  # kopf's CRD scan
 )
 

@@ -1,5 +1,6 @@
 """Training against the real S3 server: user data read from s3:// (JSONL) and file:// (Parquet),
-checkpoints written to s3://, and a longer second run resuming from the S3 checkpoint."""
+checkpoints written to s3:// (checkpoint.mode async, the default), a run killed while a checkpoint upload is in
+flight, and the same run started again resuming bit-exact from the previous complete checkpoint."""
 import io
 import json
 import os
@@ -26,6 +27,34 @@ spec:
   data: {{uri: "{data}"}}
   training: {{steps: {steps}, batchSize: 2, seqLen: 32}}
   checkpoint: {{every: 2, keep: 2, uri: "{store}"}}
+"""
+
+
+# Loaded by the killed child only (PYTHONPATH): step 4's shard uploads wait, so the kill lands mid-upload.
+HOLD_STEP_4_UPLOADS = """
+import os
+import pathlib
+import time
+from flashops.storage import backends
+
+_open_writer = backends.S3Backend.open_writer
+
+
+def open_writer(self, key):
+    writer = _open_writer(self, key)
+    if "/step-4/" in key:
+        commit = writer.commit
+
+        def held():
+            pathlib.Path(os.environ["HOLD_MARKER"]).touch()  # the upload of step 4 is under way
+            time.sleep(300)
+            return commit()
+
+        writer.commit = held
+    return writer
+
+
+backends.S3Backend.open_writer = open_writer
 """
 
 
@@ -60,25 +89,33 @@ def test_user_data_and_checkpoints_in_s3_with_resume(s3_server, tmp_path, monkey
         monkeypatch.setenv(k, v)  # this process opens the store too
     store = open_store(store_uri)
 
-    # Kill the run once its first S3 checkpoint is complete; the same spec run again resumes from it.
+    # Kill the run while step 4's checkpoint uploads in the background and training has gone on to step 5
+    # (a test hook in the child holds step 4's shard uploads back); the same spec run again resumes from step 2.
+    hook = tmp_path / "hold_step4"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_STEP_4_UPLOADS)
     spec = tmp_path / "pretrain.yaml"
     spec.write_text(RUN.format(name="s3-pretrain", stage="pretrain", data=f"s3://{data_bucket}/corpus/docs.jsonl",
                                steps=6, store=store_uri))
-    proc = subprocess.Popen([FLASHOPS, "run", "-f", str(spec), "--no-export"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "home" / "logs" / "s3-pretrain" / "metrics.jsonl"
+    marker = tmp_path / "step4-uploading"
+    proc = subprocess.Popen([FLASHOPS, "run", "-f", str(spec), "--no-export"],
+                            env={**env, "PYTHONPATH": str(hook), "HOLD_MARKER": str(marker)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240
-        while store.latest("s3-pretrain") is None:
+        while not (marker.exists() and metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
             assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no checkpoint appeared"
+            assert time.monotonic() < deadline, "training never went past the step-4 save with its upload in flight"
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+    killed_rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     killed_at = store.latest("s3-pretrain")
-    assert killed_at.step < 6
+    assert killed_at.step == 2  # step 4 was in flight: no manifest, so not a checkpoint
     store.verify(killed_at)
     assert killed_at.uri.startswith(f"s3://{bucket}/team/runs/s3-pretrain/step-")
 
@@ -86,6 +123,12 @@ def test_user_data_and_checkpoints_in_s3_with_resume(s3_server, tmp_path, monkey
     final = store.latest("s3-pretrain")
     assert final.step == 6
     assert f"(resumed at {killed_at.step})" in second.stdout  # the summary says where it resumed
+    # bit-exact: the steps the killed run trained after step 2 come out the same after the resume
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    resumed_rows = {r["step"]: r for r in rows[len(killed_rows):]}
+    for before in killed_rows[2:5]:
+        after = resumed_rows[before["step"]]
+        assert (after["loss"], after["grad_norm"]) == (before["loss"], before["grad_norm"]), before["step"]
     assert [r.step for r in store.list("s3-pretrain")] == [4, 6]  # keep: 2
 
     # Parquet from file://, initialised from the S3 checkpoint.

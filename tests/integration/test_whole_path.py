@@ -37,7 +37,8 @@ spec:
       spec: {stage: dpo, data: {uri: "builtin:dpo-pairs"}, training: {steps: 2, batchSize: 4, seqLen: 64}}
     - name: rl
       spec: {stage: rl, data: {uri: "builtin:rl-tasks"}, training: {steps: 2, seqLen: 64},
-             rl: {groupSize: 2, promptsPerStep: 2, maxNewTokens: 8}}
+             rl: {groupSize: 2, promptsPerStep: 2, maxNewTokens: 8,
+                 curriculum: {profileRollouts: 2, profileMaxPrompts: 8}}}
 ---
 apiVersion: flashops.dev/v1alpha1
 kind: ModelDeployment

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from lineage._graph import TOKENS, WRITER
 
-TABLES = "edges, deployments, models, checkpoints, runs, datasets, nodes"
+TABLES = "evaluations, run_metrics, edges, deployments, models, checkpoints, runs, datasets, nodes"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

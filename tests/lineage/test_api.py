@@ -31,7 +31,7 @@ def test_errors_are_problem_json(lineage_server):
                       (httpx.post(f"{lineage_server.url}/v1/runs", headers=h, json={"name": "x"}), 422),
                       (httpx.get(f"{lineage_server.url}/v1/nodes/0", headers=h), 422),
                       (httpx.get(f"{lineage_server.url}/no/such/path", headers=h), 404),
-                      (httpx.post(f"{lineage_server.url}/v1/datasets", headers=h, content=b"{not json"), 422)]:
+                      (httpx.post(f"{lineage_server.url}/v1/datasets", headers=h, content=b"{not json"), 400)]:
         assert r.status_code == status, r.text
         assert r.headers["content-type"] == "application/problem+json"
         body = r.json()

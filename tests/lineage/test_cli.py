@@ -25,6 +25,8 @@ def record_quickstart(lin):
     pipeline, deployment = load_file(ROOT / "examples" / "quickstart.yaml")
     previous = None
     for i, stage in enumerate(pipeline.spec.stages):
+        if stage.is_eval:  # evaluations are not runs
+            continue
         run = pipeline_stage_run(pipeline, i, previous)
         rid = lin.start_run(run.name, run.kind, run.spec.stage, run.spec.to_dict(), run.spec_hash(),
                             consumed=[run.spec.data.uri], initialized_from=previous, pipeline=pipeline.name)
@@ -72,7 +74,7 @@ def test_show_resolve_diff_and_usage_errors(local_lineage):
     out = runner.invoke(app, ["lineage", "show", "quickstart-sft"])
     assert out.exit_code == 0, out.output
     assert "run quickstart-sft sft succeeded" in out.output and "<- consumed: dataset builtin:sft-chat" in out.output
-    rl_steps = load_file(ROOT / "examples" / "quickstart.yaml")[0].spec.stages[-1].spec.training.steps
+    rl_steps = next(s for s in load_file(ROOT / "examples" / "quickstart.yaml")[0].spec.stages if s.name == "rl").spec.training.steps
     resolved = runner.invoke(app, ["lineage", "resolve", "quickstart"]).output.strip()
     assert resolved == f"file:///store/quickstart-rl/step-{rl_steps}"
     diff = runner.invoke(app, ["lineage", "diff", "quickstart-dpo", "quickstart-rl"])

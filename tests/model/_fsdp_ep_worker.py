@@ -27,7 +27,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from torchtitan.models.deepseek_v3.sharding import set_deepseek_v3_sharding_config
 
         from flashops.model import JoyAIFlash
-        from flashops.model import _torchtitan_compat as compat
+        from flashops.model import torchtitan_compat as compat
         from flashops.model.config import JoyAIConfig
         from flashops.model.model import torchtitan_config
 

@@ -82,6 +82,62 @@ def test_kv_cache_gives_the_full_forward_logits(model, tokens):
         model(tokens, cache=model.new_cache(2, 8))
 
 
+def test_cached_forward_places_each_row_at_its_own_position_and_slot(model):
+    """Continuous batching through the model's public cached forward: rows in different cache slots at
+    different positions, decoded in one pass, give the full forward's logits (main and MTP heads)."""
+    seqs = torch.randint(3, V, (3, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(seqs)
+        cache = model.new_cache(batch=4, max_len=32)
+        prefix = {3: 11, 0: 4, 2: 8}  # slot -> prompt length; sequence i lives in slot list(prefix)[i]
+        for i, (slot, n) in enumerate(prefix.items()):
+            h = model.forward_cached(seqs[i : i + 1, :n], cache, [0], [slot])
+            assert torch.allclose(model.logits(h), full.logits[i : i + 1, :n], atol=1e-4)
+        starts = list(prefix.values())
+        step = torch.stack([seqs[i, s : s + 2] for i, s in enumerate(starts)])
+        h = model.forward_cached(step, cache, starts, list(prefix))
+        want = torch.stack([full.logits[i, s : s + 2] for i, s in enumerate(starts)])
+        assert torch.allclose(model.logits(h), want, atol=1e-4)
+        # the MTP layer the same way: pairs (hidden at p-1, token p) -> logits for token p+1
+        m = model.mtp_forward_cached(full.hidden[:, :-1], seqs[:, 1:], cache, [0, 0, 0], [1, 2, 3])
+        assert torch.allclose(model.mtp_logits(m), full.mtp_logits[:, 1:], atol=1e-4)
+        with pytest.raises(ValueError, match="its own slot"):
+            model.forward_cached(step, cache, starts, [3, 3, 0])
+        with pytest.raises(ValueError, match="max_len"):
+            model.forward_cached(step, cache, [31, 0, 0], [0, 1, 2])
+
+
+@pytest.mark.parametrize("mask_form", ["causal prefill", "one mask for all rows", "a mask per row"])
+def test_absorbed_attention_is_the_expanded_attention_reassociated(mask_form):
+    """Decoding attends in the latent space (wkv_b folded into query and output); the same products as
+    expanding the cache through wkv_b, at float64 precision, for each mask form the cache produces."""
+    torch.manual_seed(0)
+    attn = JoyAIFlash(get_config("joyai-flash-small")).layers["1"].attention.double()
+    bsz, heads, nope, rope, r = 2, attn.n_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.kv_lora_rank
+    q_len, kv_len = (9, 9) if mask_form == "causal prefill" else (3, 11)
+    q_nope, q_pe = torch.randn(bsz, q_len, heads, nope).double(), torch.randn(bsz, q_len, heads, rope).double()
+    c_kv, k_pe = torch.randn(bsz, kv_len, r).double(), torch.randn(bsz, kv_len, 1, rope).double()
+    mask, is_causal = None, mask_form == "causal prefill"
+    if mask_form == "one mask for all rows":  # rows at the same start: (L, S)
+        mask = torch.arange(kv_len).unsqueeze(0) <= torch.arange(8, 11).unsqueeze(1)
+    elif mask_form == "a mask per row":  # rows at their own positions: (B, 1, L, S)
+        mask = (torch.arange(kv_len).view(1, 1, -1) <= torch.tensor([[4, 5, 6], [8, 9, 10]]).unsqueeze(2)).unsqueeze(1)
+    kv = attn.wkv_b(c_kv).view(bsz, kv_len, heads, nope + attn.v_head_dim)
+    k_nope, v = kv.split([nope, attn.v_head_dim], dim=-1)
+    q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)
+    k = torch.cat([k_nope, k_pe.expand(-1, -1, heads, -1)], -1).transpose(1, 2)
+    want = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, is_causal=is_causal,
+                                          scale=attn.softmax_scale).transpose(1, 2)
+    got = attn.absorbed_attention(q_nope, q_pe, c_kv, k_pe, mask, is_causal)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_absorbing_is_chosen_where_it_costs_less():
+    attn = JoyAIFlash(get_config("joyai-flash-small")).layers["1"].attention  # r 128, nope 64, v 64
+    assert attn.absorb_pays(1) and attn.absorb_pays(4) and attn.absorb_pays(127)  # decode, MTP verify
+    assert not attn.absorb_pays(128) and not attn.absorb_pays(2048)  # long prefills expand the cache once
+
+
 def test_draft_reproduces_mtp_logits_and_recurses(model, tokens):
     n = 15
     with torch.no_grad():

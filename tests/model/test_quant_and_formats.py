@@ -79,19 +79,20 @@ def test_int4_export_reload_reproduces_the_fake_quantized_forward(trained_like, 
     assert report["quantized_tensors"] == 9 and 0 < report["relative_rmse"] < 0.2
     assert report["expert_bytes_int4"] < report["expert_bytes_float"] / 6
     assert not any(k.endswith("w1_EFD") for k in tensors)  # no float copy of the experts
-    loaded = load_int4(tensors, m.arch)
+    loaded = load_int4(tensors, m.arch, kernel="dequant")  # exact: the fake-quantized weights in fp32
     with torch.no_grad():
         out = loaded(tokens)
     assert torch.allclose(out.logits, ref.logits, atol=1e-4)
     assert torch.allclose(out.mtp_logits, ref.mtp_logits, atol=1e-4)
-    # and through a file, with the KV cache path
+    # and through a file, with the KV cache path, on the packed bf16 kernel (tests/conftest.py)
     save_int4(tmp_path / "m.safetensors", m)
     from_file = read_int4(tmp_path / "m.safetensors")
+    assert from_file.moe_layers[0].routed_experts.inner_experts.kernel == "int4pack"
     with torch.no_grad():
         cache = from_file.new_cache(2, 16)
         step = [from_file(tokens[:, :8], cache=cache).logits] + [
             from_file(tokens[:, p : p + 1], cache=cache, start_pos=p).logits for p in range(8, 16)]
-    assert torch.allclose(torch.cat(step, 1), ref.logits, atol=1e-4)
+    assert torch.allclose(torch.cat(step, 1), ref.logits, atol=2e-3)  # bf16 activations in the experts
 
 
 def test_hf_round_trip_is_exact(trained_like, tokens, tmp_path):

@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 
-from fixtures.k8s import GV, PYTORCHJOBS, KubeHTTPError, label_selector_matches
+from fixtures.k8s import GV, PYTORCHJOBS, TRAINJOBS, KubeHTTPError, label_selector_matches
 
 pytestmark = pytest.mark.k8s
 
@@ -105,3 +105,19 @@ def test_kubectl_get_prints_the_crd_printer_columns(k8s):
     out = k8s.kubectl("get", "ftr").stdout.split("\n")
     assert out[0].split() == ["NAME", "STAGE", "STATE", "RETRIES", "AGE"]
     assert out[1].split()[:4] == ["shown", "sft", "Running", "1"]
+
+
+def test_cel_rules_of_the_upstream_crds_are_enforced_on_create_and_update(k8s):
+    """What a real API server refuses: a TrainJob named 9lives (RFC 1035 CEL rule) and a change of an
+    immutable field (a `self == oldSelf` transition rule)."""
+    api, plural = TRAINJOBS
+    job = {"apiVersion": api, "kind": "TrainJob", "metadata": {"name": "9lives"},
+           "spec": {"runtimeRef": {"name": "torch-distributed"}}}
+    with pytest.raises(KubeHTTPError) as e:
+        k8s.create(job, plural)
+    assert e.value.status == 422 and "RFC 1035" in str(e.value)
+    k8s.create({**job, "metadata": {"name": "lives9"}}, plural)
+    with pytest.raises(KubeHTTPError) as e:
+        k8s.patch(api, plural, "lives9", {"spec": {"runtimeRef": {"name": "other"}}})
+    assert e.value.status == 422 and "field is immutable" in str(e.value)
+    k8s.patch(api, plural, "lives9", {"spec": {"suspend": True}})  # a mutable field still changes

@@ -32,6 +32,14 @@ def validate(doc: dict) -> list[str]:
         from flashops.api.crds import crd
 
         return CRDValidator(crd(doc["kind"])).errors(doc)
+    if doc["kind"] == "Job":  # a pipeline's eval stage: the upstream batch/v1 schema, strict (no unknown fields)
+        import kubernetes_validate
+
+        try:
+            kubernetes_validate.validate(doc, kubernetes_validate.utils.latest_version(), strict=True)
+        except kubernetes_validate.ValidationError as err:
+            return [str(err)]
+        return []
     assert doc["kind"] == "ConfigMap"
     return []
 

@@ -3,7 +3,6 @@
 byte-level tokenizer to a file:// store exactly as the serving path loads it."""
 from __future__ import annotations
 
-import json
 import string
 
 import pytest
@@ -83,26 +82,49 @@ CALIBRATION = "abcdefghijklmnopqrstuvwxyzabcdefghij"
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """(model, cfg, tokenizer, model_uri) of the trained debug model, exported to a file:// store with
-    full-precision and INT4 weights; int4.json records the logit change measured at export."""
-    from safetensors.torch import save_file
-
-    from flashops.model.export import read_int4, save_int4
+    """(model, cfg, tokenizer, model_uri) of the trained debug model, saved as a checkpoint and exported by the
+    real export (flashops.trainers.runner.export_model: HF layout, plus int4/) to a file:// store."""
     from flashops.storage import open_store
+    from flashops.trainers.runner import export_model
 
     model, cfg, tok, losses = train_debug_model()
     assert losses[-1][0] < 1.0, f"the debug model did not learn the letter walk: {losses[-1]}"
-    d = tmp_path_factory.mktemp("export")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    d = tmp_path_factory.mktemp("tokenizer")
     tok.save(str(d / "tokenizer.json"))
-    report = save_int4(d / "model-int4.safetensors", model)
+    store = open_store(f"file://{tmp_path_factory.mktemp('store')}")
+    ref = store.save_checkpoint("letters", 30, {"model": model.state_dict()}, {"model_config": cfg.to_dict()})
+    uri = export_model(store, None, ref.uri, "letters", "v1", int4=True, tokenizer=d / "tokenizer.json")
+    return model, cfg, tok, uri
+
+
+@pytest.fixture(scope="session")
+def int4_tolerance(trained):
+    """(max |logit| change of INT4 round-to-nearest on the calibration text, its token ids), measured in memory
+    (export_int4 + load_int4), independently of the export files."""
+    from flashops.model.export import export_int4, load_int4
+
+    model, cfg, tok, _ = trained
     calib = torch.tensor([tok.encode(CALIBRATION).ids])
+    tensors, _ = export_int4(model)
     with torch.inference_mode():
-        delta = (read_int4(d / "model-int4.safetensors")(calib, mtp=False).logits - model(calib, mtp=False).logits)
-    (d / "int4.json").write_text(json.dumps({"logit_tolerance": float(delta.abs().max()), "calibration": CALIBRATION,
-                                             "relative_rmse": report["relative_rmse"]}))
-    store_dir = tmp_path_factory.mktemp("store")
-    files = ("model.safetensors", "config.json", "tokenizer.json", "model-int4.safetensors", "int4.json")
-    ref = open_store(f"file://{store_dir}").export_model("letters", "v1", {f: d / f for f in files})
-    return model, cfg, tok, ref.uri
+        # exact INT4 weights (the dequantizing kernel = fake quantization), not the bf16 serving kernel
+        delta = load_int4(tensors, cfg, kernel="dequant")(calib, mtp=False).logits - model(calib, mtp=False).logits
+    return float(delta.abs().max()), calib[0].tolist()
+
+
+@pytest.fixture(scope="session")
+def untrained_exports(tmp_path_factory):
+    """Two serving exports (v1, v2) of one untrained debug model through the real export: for tests about which
+    model is served (promotion gates), not what it answers. Seconds, where `trained` trains first."""
+    from flashops.model import JoyAIFlash, get_config
+    from flashops.storage import open_store
+    from flashops.trainers.runner import export_model
+
+    torch.manual_seed(0)
+    cfg = get_config("joyai-flash-debug", {"vocab_size": 512, "max_seq_len": 256})
+    model = JoyAIFlash(cfg)
+    d = tmp_path_factory.mktemp("tokenizer")
+    byte_tokenizer().save(str(d / "tokenizer.json"))
+    store = open_store(f"file://{tmp_path_factory.mktemp('store')}")
+    ref = store.save_checkpoint("untrained", 1, {"model": model.state_dict()}, {"model_config": cfg.to_dict()})
+    return [export_model(store, None, ref.uri, "untrained", v, tokenizer=d / "tokenizer.json") for v in ("v1", "v2")]

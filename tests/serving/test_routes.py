@@ -164,8 +164,9 @@ async def test_overload_queues_then_rejects_with_429_and_recovers(trained, tmp_p
         responses = await asyncio.gather(*(client.post("/openai/v1/completions", json=body) for _ in range(4)))
         codes = sorted(r.status_code for r in responses)
         assert codes.count(200) == 2 and codes.count(429) == 2  # one running, one queued, the rest refused
-        refused = next(r for r in responses if r.status_code == 429).json()["error"]
-        assert refused["type"] == "rate_limit_error"
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.headers["retry-after"] == "1"  # clients (the openai package too) wait this long
         assert (await client.post("/openai/v1/completions", json=body)).status_code == 200
     await predictor.engine.aclose()
 

@@ -2,12 +2,19 @@
 
     python tests/storage/dist_worker.py reshard STORE_URI SAVE_WORLD LOAD_WORLD
     python tests/storage/dist_worker.py slow-save STORE_URI
+    python tests/storage/dist_worker.py async-train STORE_URI
+    python tests/storage/dist_worker.py async-fail STORE_URI WORLD
 
 reshard: forks SAVE_WORLD ranks that save (gloo), then LOAD_WORLD ranks that load (forking after the
 imports keeps this to one interpreter start on a 2-core machine); "experts" is a DTensor of shape [NUM_EXPERTS, 4, 2] sharded on
 dim 0 whose every value encodes where it belongs (expert*100 + row*10 + col), like an expert-parallel MoE
 weight; load checks that each rank received exactly the experts DTensor assigns to it.
 slow-save: saves step 1 (small), then step 2 (large, many shards) so the parent can SIGKILL it mid-save.
+async-train: checkpoint.mode async: step 1 saved and complete, then step 2 staged while its upload is held
+back, and "training" goes on changing the weights (prints each step) until the parent SIGKILLs it.
+async-fail: WORLD ranks (gloo) save step 1 asynchronously, then step 2 while rank 1's uploads fail with
+CredentialsError; every rank trains on (an all-reduce per step, like a real step), polls, and prints the
+step and the error type at which its poll raised.
 """
 import sys
 
@@ -58,10 +65,47 @@ def _hold_back_commits_after_the_first() -> None:
     backends.HashingWriter.commit = commit
 
 
+def train_state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {f"layer{i}": torch.randn(1024 * 1024, generator=g) for i in range(8)},  # 8 x 4 MB
+            "trainer": {"step": torch.tensor(seed)}}
+
+
+def async_train(uri: str) -> None:
+    """The weights of step 1 are train_state(1); the parent checks a resume loads exactly those."""
+    from flashops.storage import open_store
+    from flashops.storage.checkpointer import Checkpointer
+
+    saver = Checkpointer(open_store(uri), "async")
+    state = train_state(1)
+    saver.save("async-crash", 1, state)
+    saver.wait()
+    _hold_back_commits_after_the_first()
+    for t in state["model"].values():
+        t.add_(1.0)  # step 2's weights
+    state["trainer"]["step"].fill_(2)
+    saver.save("async-crash", 2, state)
+    print("staged step 2", flush=True)
+    step = 2
+    while True:  # training goes on while step 2 uploads, until the parent kills us
+        step += 1
+        for t in state["model"].values():
+            t.mul_(0.999)
+        saver.poll()
+        print(f"trained step {step}", flush=True)
+
+
 def main() -> None:
     mode, uri = sys.argv[1], sys.argv[2]
     from flashops.storage import open_store
 
+    if mode == "async-train":
+        async_train(uri)
+        return
+    if mode == "async-fail":
+        if not run_ranks("async-fail", uri, int(sys.argv[3])):
+            sys.exit(1)
+        return
     store = open_store(uri)
     if mode == "slow-save":
         store.save_checkpoint("crash", 1, {"w": torch.ones(1024)})
@@ -106,6 +150,9 @@ def rank_main(mode: str, uri: str, rank: int, world: int, port: int) -> None:
 
     mesh = init_device_mesh("cpu", (world,))
     try:
+        if mode == "async-fail":
+            async_fail(store, mesh, rank)
+            return
         if mode == "save":
             ref = store.save_checkpoint("ep", 1, state(mesh, fill=True), {"world": world})
             print(f"rank {rank} saved {ref.uri}", flush=True)
@@ -127,6 +174,32 @@ def rank_main(mode: str, uri: str, rank: int, world: int, port: int) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def async_fail(store, mesh, rank: int) -> None:
+    from flashops.storage import CredentialsError, StoreError, backends
+    from flashops.storage.checkpointer import Checkpointer
+
+    saver = Checkpointer(store, "async")
+    sharded = state(mesh, fill=True)  # sharded: every rank writes shard files of its own
+    saver.save("async-fail", 1, sharded)
+    saver.wait()
+    if rank == 1:
+        def commit(self):
+            raise CredentialsError("simulated: the S3 endpoint rejected rank 1's credentials")
+
+        backends.HashingWriter.commit = commit
+    saver.save("async-fail", 2, sharded)
+    for step in range(3, 400):
+        t = torch.ones(1)
+        dist.all_reduce(t)  # the training step's collective: every rank must still be in step
+        try:
+            saver.poll()
+        except StoreError as e:
+            print(f"rank {rank} raised {type(e).__name__} at step {step}: {str(e).splitlines()[0][:120]}",
+                  flush=True)
+            return
+    print(f"rank {rank} never raised", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ PIPELINE = {
         {"name": "pre", "spec": {"stage": "pretrain", "training": {"steps": 2, "batchSize": 2, "seqLen": 32},
                                  "optimizer": {"name": "muon"}}},
         {"name": "rl", "spec": {"stage": "rl", "training": {"steps": 1, "seqLen": 32},
-                                "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4}}},
+                                "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4,
+                                       "curriculum": {"profileRollouts": 2, "profileMaxPrompts": 8}}}},
     ]},
 }
 

@@ -39,5 +39,6 @@ def _faults_per_step(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_training_steps_stop_refaulting_their_buffers():
     default, kept = _faults_per_step("default"), _faults_per_step("keep")
-    assert default > 1000  # seen: 3,600-4,100 per step
-    assert kept * 2 < default  # seen: 740-1,100
+    # glibc's default trims vary with what else the machine runs: seen 860 (CI) to 4,100 per step
+    assert default > 300
+    assert kept * 2 < default  # seen: 1-1,100

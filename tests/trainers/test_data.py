@@ -10,7 +10,7 @@ from flashops.model.tokenizer import (ASSISTANT, EOS, END_THINK, THINK, chat_seg
 from flashops.trainers.corpora import BuiltinDataset, eval_tasks, open_dataset
 from flashops.trainers.curriculum import CurriculumSampler, prompt_weight, target_pass_rate
 from flashops.trainers.errors import DataError
-from flashops.trainers.tasks import DOMAINS, make_task, reward, task_pool, wrong_answer
+from flashops.trainers.tasks import DOMAINS, Task, correct, make_task, reward, task_pool, wrong_answer
 
 
 def test_committed_tokenizer_fits_the_debug_vocab_and_roundtrips():
@@ -40,9 +40,9 @@ def test_chat_template_thinking_switch():
 
 
 def test_sft_loss_mask_covers_exactly_the_assistant_output():
-    from flashops.trainers.stages import Codec
+    from flashops.model.tokenizer import TokenizerCodec
 
-    codec = Codec()
+    codec = TokenizerCodec(skip_special_tokens=False)
     msgs = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Reverse: abc"},
             {"role": "assistant", "content": "cba", "reasoning": "c b a"}]
     for thinking in (False, True):
@@ -96,12 +96,12 @@ def test_user_data_jsonl_and_parquet(tmp_path):
     p = tmp_path / "rl.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
     ds = open_dataset(f"file://{p}", "rl")
-    assert len(ds) == 2 and ds[1]["answer"] == "Paris"
+    assert ds.rows == rows  # streamed from the one object (the RL pool is held whole)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist([{"text": "hello"}, {"text": "world"}]), tmp_path / "pt.parquet")
-    assert open_dataset(f"file://{tmp_path}/pt.parquet", "pretrain")[1] == {"text": "world"}
+    assert open_dataset(f"file://{tmp_path}/pt.parquet", "pretrain").rows[1] == {"text": "world"}
     with pytest.raises(DataError, match="no such file"):
         open_dataset(f"file://{tmp_path}/missing.jsonl", "sft")
     with pytest.raises(DataError, match=r"row 0: missing key\(s\) \['prompt', 'chosen', 'rejected'\]"):
@@ -124,10 +124,30 @@ def test_rewards_verify_every_domain():
     assert [x.question for x in eval_tasks(2, 0)] != [x.question for x in task_pool(2, 0)]  # another seed
 
 
+def test_partial_credit_ranks_near_misses_below_exact_answers():
+    add = Task("arithmetic", 3, "What is 40 + 17?", "57", "")
+    sort = Task("sorting", 1, "Sort: 3 1 2", "1 2 3", "")
+    rev = Task("string", 1, "Reverse: abc", "cba", "")
+    # binary by default (the papers' verifiable reward); accuracy never counts partial credit
+    assert reward(add, f"{END_THINK}56{EOS}") == 0.0 and not correct(add, f"{END_THINK}56{EOS}")
+    pc = lambda t, a: reward(t, f"{END_THINK}{a}{EOS}", partial_credit=0.5)
+    assert pc(add, "57") == 1.0
+    assert pc(add, "56") == pytest.approx(0.25) and pc(add, "60") == pytest.approx(0.125)  # 0.5 / (1 + |error|)
+    assert pc(add, "fifty") == 0.0 and pc(add, "") == 0.0  # an answer of the wrong kind earns nothing
+    assert pc(sort, "1 3 2") == pytest.approx(0.5 / 3) and pc(sort, "1 2") == pytest.approx(0.5 * 2 / 3)
+    assert pc(rev, "cbb") == pytest.approx(0.5 * 2 / 3) and pc(rev, "cbaa") == pytest.approx(0.5 * 3 / 4)
+    for t, near in ((add, "56"), (sort, "1 2"), (rev, "cbaa")):
+        assert 0 < pc(t, near) < 0.5 < pc(t, t.answer) == 1.0  # any wrong answer below partialCredit
+
+
 def test_curriculum_weights_follow_the_formula():
+    # steps are 0..T-1: mu_t is 0.8 at the first step and reaches 0.2 at the last one (t = T - 1)
     assert target_pass_rate(0, 100) == pytest.approx(0.8)
-    assert target_pass_rate(50, 100) == pytest.approx(0.5)
-    assert target_pass_rate(100, 100) == pytest.approx(0.2)
+    assert target_pass_rate(99, 100) == pytest.approx(0.2)
+    assert target_pass_rate(33, 67) == pytest.approx(0.5)
+    assert target_pass_rate(98, 100) > 0.2 + 1e-3
+    assert target_pass_rate(0, 1) == pytest.approx(0.8)  # one step: no schedule to follow
+    assert [round(target_pass_rate(t, 4), 6) for t in range(4)] == [0.8, 0.6, 0.4, 0.2]
     for p, mu in ((0.8, 0.8), (0.5, 0.8), (0.1, 0.3)):
         assert prompt_weight(p, mu) == pytest.approx(math.exp(-0.5 * ((p - mu) / 0.15) ** 2))
     groups = ["a"] * 16 + ["b"] * 4
@@ -143,6 +163,39 @@ def test_curriculum_weights_follow_the_formula():
     s2 = CurriculumSampler(groups, total_steps=10)
     s2.load_state_dict(state)
     assert s2.sample(3, 8, seed=1) == s.sample(3, 8, seed=1)
+
+
+def test_curriculum_profile_drops_solved_prompts_and_keeps_updating():
+    groups = ["a"] * 6 + ["b"] * 3
+    s = CurriculumSampler(groups, total_steps=5)
+    rates = [1.0, 0.9, 1.0, 0.2, 0.0, 0.5, 1.0, 1.0, 0.3]
+    assert s.set_profile(rates, rollouts=10, drop_solved=True) == 4
+    assert s.profiled and s.active.tolist() == [r < 1.0 for r in rates]
+    assert s.group_probs() == pytest.approx({"a": 2 / 3, "b": 1 / 3})  # sqrt(4) : sqrt(1) active prompts
+    picks = {i for step in range(5) for seed in range(20) for i in s.sample(step, 8, seed=seed)}
+    assert picks == {1, 3, 4, 5, 8}  # every active prompt, never a solved one
+    s.enabled = False  # uniform sampling still skips the dropped prompts
+    assert {i for seed in range(50) for i in s.sample(0, 8, seed=seed)} == {1, 3, 4, 5, 8}
+    # online update: the profile counts as its 10 rollouts, a group of 4 all right moves 0.2 to 6/14
+    s.update([3], [1.0], rollouts=4)
+    assert float(s.pass_rate[3]) == pytest.approx((0.2 * 10 + 4) / 14)
+    # the profile is in the state: a fresh sampler restored from it samples the same and is profiled
+    s2 = CurriculumSampler(groups, total_steps=5, enabled=False)
+    s2.load_state_dict(s.state_dict())
+    assert s2.profiled and s2.active.tolist() == s.active.tolist()
+    assert s2.sample(2, 16, seed=3) == s.sample(2, 16, seed=3)
+    # without dropSolved the solved prompts stay; a profile of a subset keeps only that subset
+    keep = CurriculumSampler(groups, total_steps=5)
+    assert keep.set_profile(rates, rollouts=10, drop_solved=False) == 0 and bool(keep.active.all())
+    sub = CurriculumSampler(groups, total_steps=5)
+    assert sub.set_profile([0.5, 1.0, 0.4], rollouts=2, indices=[2, 7, 8]) == 1
+    assert sub.active.nonzero().flatten().tolist() == [2, 8] and sub.names == ["a", "b"]
+
+
+def test_curriculum_never_drops_the_whole_pool():
+    s = CurriculumSampler(["a", "b"], total_steps=3)
+    assert s.set_profile([1.0, 1.0], rollouts=4, drop_solved=True) == 0
+    assert bool(s.active.all())
 
 
 def test_schedules():

@@ -64,7 +64,7 @@ def _uniform_drift_grad(shift: float, adv_sign: float = 1.0, t: int = 5):
     old = torch.full((1, t), -1.0)
     lp = (old + shift).requires_grad_()
     adv = torch.full((1, t), adv_sign)
-    loss, stats = fiberpo_loss(lp, old, adv, torch.ones(1, t))
+    loss, stats = fiberpo_loss(lp, old, adv, torch.ones(1, t), c_plus=0.2, c_minus=0.2)  # the band at C = 0.2
     loss.backward()
     return lp.grad, stats
 
@@ -90,12 +90,13 @@ def test_beyond_the_band_the_gradient_is_zero():
     assert torch.allclose(grad, torch.zeros_like(grad), atol=1e-7)
 
 
-def test_c_plus_and_c_minus_default_to_half_delta_and_must_add_up():
+def test_c_minus_defaults_below_c_plus_as_the_paper_recommends_and_they_must_add_up():
+    # issue 16 changed the default from delta/2 each to the paper's C- < C+ (0.25 / 0.15 at delta 0.4)
     old, adv, mask = _inputs()
-    lp = old + 0.15
+    lp = old + 0.22  # log s+ = 0.22: inside C+ = 0.25, in the rollback band of C+ = 0.2
     a, _ = fiberpo_loss(lp, old, adv, mask, delta=0.4)
-    b, _ = fiberpo_loss(lp, old, adv, mask, delta=0.4, c_plus=0.2, c_minus=0.2)
-    c, _ = fiberpo_loss(lp, old, adv, mask, delta=0.4, c_plus=0.1)
+    b, _ = fiberpo_loss(lp, old, adv, mask, delta=0.4, c_plus=0.25, c_minus=0.15)
+    c, _ = fiberpo_loss(lp, old, adv, mask, delta=0.4, c_plus=0.2, c_minus=0.2)
     assert a.item() == b.item() != c.item()
     with pytest.raises(ValueError, match="add up to delta"):
         fiberpo_loss(lp, old, adv, mask, delta=0.4, c_plus=0.3, c_minus=0.3)
@@ -141,3 +142,59 @@ def test_group_advantages_are_zero_mean_per_group_and_kl_is_zero_at_the_referenc
     assert (a[4:] == 0).all() and a[0] > 0 > a[1]
     lp = torch.randn(2, 3)
     assert kl_penalty(lp, lp, torch.ones(2, 3)).item() == 0.0
+
+
+@pytest.mark.parametrize("fn", [fiberpo_loss, grpo_loss, gspo_loss])
+def test_masked_positions_never_reach_the_arithmetic(fn):
+    """-inf old log-probs, NaN log-probs and NaN advantages on padding leave loss and gradient as if the
+    padding held zeros (they used to give NaN through inf * 0)."""
+    old, adv, mask = _inputs()
+    g = torch.Generator().manual_seed(2)
+    shift = (torch.rand(B, T, generator=g) - 0.5) * 0.6
+    clean_lp = (old + shift).requires_grad_()
+    clean, _ = fn(clean_lp, old, adv, mask)
+    clean.backward()
+    pad = mask == 0
+    dirty_old = old.masked_fill(pad, float("-inf"))
+    dirty_adv = adv.masked_fill(pad, float("nan"))
+    dirty_lp = (old + shift).masked_fill(pad, float("nan")).requires_grad_()
+    dirty, stats = fn(dirty_lp, dirty_old, dirty_adv, mask)
+    dirty.backward()
+    assert torch.isfinite(dirty) and dirty.item() == pytest.approx(clean.item(), abs=1e-7)
+    assert torch.isfinite(dirty_lp.grad).all()
+    assert torch.allclose(dirty_lp.grad, clean_lp.grad, atol=1e-7)
+    assert (dirty_lp.grad[pad] == 0).all()
+    assert torch.isfinite(stats["gated_ratio"]).all()
+
+
+@pytest.mark.parametrize("fn", [fiberpo_loss, grpo_loss, gspo_loss])
+def test_an_empty_trajectory_is_left_out_of_the_mean_over_trajectories(fn):
+    """|T_j| = 0: the trajectory has no tokens, so its (1/|T_j|) sum is an empty sum; J averages over the
+    trajectories that have a response. Adding an empty row changes neither the loss nor any gradient, and
+    a batch of only empty rows gives loss 0 with zero gradients, not NaN."""
+    old, adv, mask = _inputs()
+    lp = (old + 0.05).requires_grad_()
+    ref, _ = fn(lp, old, adv, mask)
+    ref.backward()
+    lp2 = torch.cat([old + 0.05, torch.zeros(1, T)]).requires_grad_()
+    loss, _ = fn(lp2, torch.cat([old, torch.full((1, T), float("-inf"))]), torch.cat([adv, torch.ones(1, T)]),
+                 torch.cat([mask, torch.zeros(1, T)]))
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-7)
+    assert torch.allclose(lp2.grad[:B], lp.grad, atol=1e-7) and (lp2.grad[B] == 0).all()
+    empty = torch.zeros(2, T, requires_grad=True)
+    loss, _ = fn(empty, torch.zeros(2, T), torch.ones(2, T), torch.zeros(2, T))
+    loss.backward()
+    assert loss.item() == 0.0 and (empty.grad == 0).all()
+
+
+def test_gspo_clips_the_sequence_ratio_asymmetrically_at_its_papers_defaults():
+    old = torch.zeros(2, 4)
+    # sequence log-ratios 3.5e-4 (inside 1 + 4e-4) and -3.5e-4 (outside 1 - 3e-4)
+    lp = torch.tensor([[3.5e-4] * 4, [-3.5e-4] * 4], requires_grad=True)
+    adv = torch.tensor([[1.0] * 4, [-1.0] * 4])
+    loss, stats = gspo_loss(lp, old, adv, torch.ones(2, 4))
+    loss.backward()
+    assert (lp.grad[0] != 0).all()   # inside [1 - 3e-4, 1 + 4e-4]: the ordinary gradient
+    assert (lp.grad[1] == 0).all()   # below 1 - 3e-4 with A < 0: clipped, no gradient
+    assert stats["clip_fraction"].item() == pytest.approx(0.5)

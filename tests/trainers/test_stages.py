@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from flashops.trainers.corpora import eval_tasks
 from flashops.trainers.errors import DataError, ResumeError, SpecValueError
 from flashops.trainers.runner import run_training
 
@@ -29,11 +30,15 @@ def test_four_stages_chain_through_store_and_lineage(home, store, tiny_run):
     dpo = run_training(tiny_run("t-dpo", "dpo", initFrom=sft.checkpoint_uri), store, lin)
     assert dpo.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
     assert {"reward_margin", "reward_accuracy"} <= set(dpo.history[0])
-    rl = run_training(tiny_run("t-rl", "rl", initFrom=dpo.checkpoint_uri, training={"steps": 1, "seqLen": 32},
-                               rl={"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4,
-                                   "updatesPerBatch": 2, "klCoef": 0.01}), store, lin)
+    rl_run = tiny_run("t-rl", "rl", initFrom=dpo.checkpoint_uri, training={"steps": 1, "seqLen": 32},
+                      rl={"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4, "updatesPerBatch": 2,
+                          "klCoef": 0.01, "curriculum": {"profileRollouts": 2, "profileMaxPrompts": 8}})
+    rl = run_training(rl_run, store, lin)
     assert {"reward", "ratio_mean", "ratio_max", "entropy", "kl"} <= set(rl.history[0])
-    assert rl.metrics["eval_before"]["prompts"] == rl.metrics["eval_after"]["prompts"] == 48
+    # the held-out split: 4 per (domain, level) where it has 4 (level-1 arithmetic has fewer distinct prompts)
+    heldout = len(eval_tasks(4, rl_run.spec.training.seed))
+    assert 40 <= heldout <= 48
+    assert rl.metrics["eval_before"]["prompts"] == rl.metrics["eval_after"]["prompts"] == heldout
     # lineage: the rl run descends from the pretrain checkpoint through sft and dpo
     ancestors = json.dumps(lin.ancestors(lin.find(rl.checkpoint_uri), depth=20))
     assert pre.checkpoint_uri in ancestors and "builtin:rl-tasks" in ancestors
@@ -80,20 +85,55 @@ def test_killed_run_resumes_exactly(home, store, stage, optimizer, extra, tiny_r
 
 
 @pytest.mark.slow
-def test_rl_resume_restores_curriculum_and_rollouts(home, store, tiny_run):
+def test_rl_resume_restores_curriculum_and_rollouts(home, store, tiny_run, monkeypatch):
+    """The curriculum's profile (pass rates from K rollouts, solved prompts dropped) is checkpointed state:
+    profiling runs once per run, before step 1, and a resumed run samples from the saved profile."""
+    from flashops.trainers.rl import RLStage
+
+    profiled = []  # (run's store, prompts profiled) per call
+    real_profile = RLStage.profile
+
+    def counting_profile(self):
+        stats = real_profile(self)
+        profiled.append(stats["profile_prompts"])
+        return stats
+
+    monkeypatch.setattr(RLStage, "profile", counting_profile)
     spec = dict(training={"steps": 2, "seqLen": 32}, checkpoint={"every": 1, "keep": 3},
-                rl={"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4})
-    base = run_training(tiny_run("rl-base", "pretrain"), store, False)
-    full = run_training(tiny_run("rl-x", "rl", initFrom=base.checkpoint_uri, **spec), store, False)
+                rl={"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4, "domains": ["counting"],
+                    "curriculum": {"profileRollouts": 2, "profileMaxPrompts": 8}})  # one domain: a short eval
+    base = run_training(tiny_run("rl-base", "pretrain", training={"steps": 1}), store, False)
+    progress = []
+    full = run_training(tiny_run("rl-x", "rl", initFrom=base.checkpoint_uri, **spec), store, False,
+                        on_progress=lambda *a: progress.append(a))
+    assert profiled == [8] and progress[0] == ("profiling", 0, 8) and progress[-1] == ("profiling", 8, 8)
+    first = full.history[0]
+    assert first["profile_prompts"] == 8 and first["profile_rollouts"] == 16
+    assert first["pool_active"] == 8 - first["profile_dropped"]
+    assert "profile_prompts" not in full.history[1]
     from flashops.storage import open_store
 
     s2 = open_store(f"file://{home}/store2")
     with pytest.raises(RuntimeError):
         run_training(tiny_run("rl-x", "rl", initFrom=base.checkpoint_uri, **spec), s2, False, crash_after=1)
+    assert profiled == [8, 8]
     resumed = run_training(tiny_run("rl-x", "rl", initFrom=base.checkpoint_uri, **spec), s2, False)
     assert resumed.resumed_from == 1
+    assert profiled == [8, 8]  # the resumed run did not profile again: the profile came with the checkpoint
+    assert all("profile_prompts" not in row for row in resumed.history)
     assert resumed.history[-1]["loss"] == pytest.approx(full.history[-1]["loss"], abs=1e-6)
     assert resumed.history[-1]["reward"] == full.history[-1]["reward"]
+    # the restored profile is the one that run saved: same pass rates, same active prompts
+    from flashops.trainers.curriculum import CurriculumSampler  # noqa: F401  (the state's owner)
+
+    pool = 72  # the builtin pool's counting prompts
+    state = {"trainer": {"curriculum": {"pass_rate": torch.zeros(pool, dtype=torch.float64),
+                                        "seen": torch.zeros(pool, dtype=torch.float64),
+                                        "active": torch.zeros(pool, dtype=torch.bool),
+                                        "profiled": torch.tensor(0)}}}
+    s2.load_checkpoint(s2.latest("rl-x"), state)
+    cur = state["trainer"]["curriculum"]
+    assert int(cur["profiled"]) == 1 and int(cur["active"].sum()) == first["pool_active"]
 
 
 def test_resume_refuses_a_changed_spec(home, store, tiny_run):

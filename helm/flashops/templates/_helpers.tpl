@@ -91,6 +91,15 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.minio.enabled -}}false{{- else -}}{{ .Values.s3.external.secure }}{{- end -}}
 {{- end -}}
 
+{{/* KServe's storage initializer (runtime: vllm deployments) reads the S3 endpoint from these annotations on the
+     Secret of the predictor's ServiceAccount. usehttps is always written: KServe's default is https, the
+     classic MinIO trap. Endpoint without scheme, as KServe wants it. */}}
+{{- define "flashops.kserveS3Annotations" -}}
+serving.kserve.io/s3-endpoint: {{ include "flashops.s3Endpoint" . | trimPrefix "https://" | trimPrefix "http://" | trimSuffix "/" | quote }}
+serving.kserve.io/s3-usehttps: {{ ternary "1" "0" (eq (include "flashops.s3Secure" .) "true") | quote }}
+serving.kserve.io/s3-region: {{ .Values.s3.region | quote }}
+{{- end -}}
+
 {{- define "flashops.hasCaBundle" -}}
 {{- if and (not .Values.minio.enabled) (or .Values.s3.external.caBundle.existingSecret .Values.s3.external.caBundle.pem) -}}true{{- end -}}
 {{- end -}}
