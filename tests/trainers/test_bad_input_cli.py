@@ -52,7 +52,16 @@ def test_lr_and_steps_are_bounded_in_the_spec(tmp_path, home):
 
 
 @pytest.mark.slow
-def test_a_diverged_run_stops_fails_and_saves_nothing_after_it(tmp_path, home):
+@pytest.mark.parametrize("slow_save", [False, True], ids=["save-done", "save-in-flight"])
+def test_a_diverged_run_stops_fails_and_saves_nothing_after_it(tmp_path, home, monkeypatch, slow_save):
+    if slow_save:  # step 1's background save is still writing when step 2 diverges (as it was on a fast CI machine)
+        from flashops.storage.store import CheckpointStore
+        write_manifest = CheckpointStore._write_manifest
+
+        def late_manifest(self, prefix, manifest):
+            time.sleep(2.0)
+            return write_manifest(self, prefix, manifest)
+        monkeypatch.setattr(CheckpointStore, "_write_manifest", late_manifest)
     # lr 1 with an absurd weight decay: the weights blow up to inf after step 1, the gradients are NaN at step 2
     f = write(tmp_path, run_spec("diverges", optimizer={"name": "adamw", "lr": 1.0, "weightDecay": 1e30,
                                                         "schedule": "constant"}, training={"steps": 4, "batchSize": 2,
