@@ -34,9 +34,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def machine() -> str:
-    """The CPU (lscpu's model name), the cores this process may use, and the load average when measured."""
-    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return f"{name}, {len(os.sched_getaffinity(0))} CPU(s), load average {os.getloadavg()[0]:.1f}"
+    """The CPU's model name, the cores this process may use, and the load average when measured."""
+    from flashops.model.cpu_kernels import cpu_model
+
+    return f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPU(s), load average {os.getloadavg()[0]:.1f}"
 
 
 def synthetic_dataset(uri: str, tokens: int, shard_tokens: int, seed: int = 0) -> None:

@@ -23,9 +23,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,12 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    from flashops.model.cpu_kernels import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
 
 
 # ---- training through the project's pipeline ----------------------------------------------------------

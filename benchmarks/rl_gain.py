@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -39,13 +38,10 @@ SUITE = "builtin:rl-heldout"
 
 
 def machine() -> str:
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in subprocess.run(
-            ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
+    from flashops.model.cpu_kernels import cpu_model
+
     up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    return f"{cpu}, {os.cpu_count()} cores; uptime: {up}"
+    return f"{cpu_model()}, {os.cpu_count()} cores; uptime: {up}"
 
 
 def _finished(store, run):

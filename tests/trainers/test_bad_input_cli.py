@@ -21,14 +21,6 @@ def run_spec(name="r", **spec) -> dict:
     return {"apiVersion": "flashops.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": name}, "spec": body}
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLASHOPS_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("FLASHOPS_LINEAGE_URL", raising=False)
-    monkeypatch.delenv("FLASHOPS_LINEAGE_RUN_ID", raising=False)
-    return tmp_path / "home"
-
-
 def write(tmp_path, *docs, name="spec.yaml"):
     f = tmp_path / name
     f.write_text(yaml.safe_dump_all(docs))
