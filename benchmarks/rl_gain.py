@@ -131,16 +131,16 @@ def wide_suite(workdir: Path, per_level: int) -> str:
     return f"file://{path}"
 
 
-def heldout(uri: str, max_tokens: int, suite: str = SUITE) -> dict:
-    """A held-out suite (builtin:rl-heldout by default) on a checkpoint through flashops eval's code: accuracy
-    per mode."""
+def heldout(uri: str, max_tokens: int, wide: str | None = None) -> tuple[dict, dict | None]:
+    """builtin:rl-heldout (and the wider suite, if given) on a checkpoint through flashops eval's code, with the
+    model loaded once: accuracy per mode, per suite."""
     from flashops.cli.eval_commands import run_evaluation
 
-    r = run_evaluation(uri, [suite], max_tokens=max_tokens, record=False, progress=False,
+    r = run_evaluation(uri, [SUITE, *([wide] if wide else [])], max_tokens=max_tokens, record=False, progress=False,
                        model_target={"ref": uri, "model_uri": None, "checkpoint_uri": uri})
-    modes = {m["mode"]: m for m in r["suites"][0]["modes"]}
-    return {mode: {"accuracy": m["accuracy"], "tasks": m["tasks"], "per_domain": m["per_domain"]}
-            for mode, m in modes.items()}
+    per_suite = [{m["mode"]: {"accuracy": m["accuracy"], "tasks": m["tasks"], "per_domain": m["per_domain"]}
+                  for m in suite["modes"]} for suite in r["suites"]]
+    return per_suite[0], (per_suite[1] if wide else None)
 
 
 def _spread(xs: list[float]) -> str:
@@ -186,9 +186,8 @@ def main() -> None:
     store = open_store(f"file://{args.workdir}/store")
     print(f"training {args.pipeline} before RL into {args.workdir}", flush=True)
     start = train_start(pipeline, store, rl_index)
-    before = heldout(start, max_tokens)
     wide = wide_suite(args.workdir, args.wide_per_level) if args.wide_per_level > 0 else None
-    wide_before = heldout(start, max_tokens, wide) if wide else None
+    before, wide_before = heldout(start, max_tokens, wide)
     results: dict = {"machine": machine(), "pipeline": str(args.pipeline), "suite": SUITE, "max_tokens": max_tokens,
                      "settings": settings,
                      "rl": {"optimizer": rl_spec.optimizer.model_dump(mode="json", by_alias=True),
@@ -197,9 +196,8 @@ def main() -> None:
                      "start": start, "before": before, "wide_suite": wide, "wide_before": wide_before, "seeds": {}}
     for seed in args.seeds:
         uri, table = train_rl(pipeline, store, rl_index, start, seed, settings)
-        after = heldout(uri, max_tokens)
-        results["seeds"][seed] = {"checkpoint": uri, "after": after, "rl_stage_table": table,
-                                  "wide_after": heldout(uri, max_tokens, wide) if wide else None}
+        after, wide_after = heldout(uri, max_tokens, wide)
+        results["seeds"][seed] = {"checkpoint": uri, "after": after, "rl_stage_table": table, "wide_after": wide_after}
 
     mode = "non-thinking"
     print(f"\n{SUITE} greedy accuracy ({before[mode]['tasks']} tasks per mode, maxTokens {max_tokens}), "
