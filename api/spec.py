@@ -321,6 +321,11 @@ class CurriculumSpec(Spec):
     drop_solved: bool = Field(True, description=(
         "drop prompts the starting checkpoint already solves (all profileRollouts correct), as the paper "
         "does: they give zero group advantage and only cost rollouts. Applies only with profile: true"))
+    drop_unsolved: bool = Field(False, description=(
+        "also drop prompts the starting checkpoint never solves (none of profileRollouts correct): under the "
+        "binary reward their groups have zero advantage too (DAPO, arXiv 2503.14476, filters such groups "
+        "online), and under partialCredit they teach near misses only. Off by default: the JoyAI paper drops "
+        "solved prompts only. Applies only with profile: true"))
 
 
 class RLParams(Spec):

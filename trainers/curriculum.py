@@ -10,7 +10,7 @@
     sampler.update(idx, pass_rates, rollouts=8) # observed per-prompt pass rates (group means)
 
 As published, pass rates are first profiled with K rollouts of the starting checkpoint and prompts it
-already solves (K of K right) are dropped; without a profile they start unknown (0.5). Either way they
+already solves (K of K right) are dropped (drop_unsolved also drops those it never solves, 0 of K); without a profile they start unknown (0.5). Either way they
 become the running mean of every rollout seen (the profile counts as its K rollouts). Sampling is a pure
 function of (seed, step, pass rates, active prompts), so saving `state_dict()` (the profile included) is
 enough for an exact resume that does not profile again.
@@ -66,10 +66,11 @@ class CurriculumSampler:
         return prompt_weight(self.pass_rate, target_pass_rate(step, self.total_steps))
 
     def set_profile(self, pass_rates, rollouts: int, drop_solved: bool = True,
-                    indices: list[int] | None = None) -> int:
+                    indices: list[int] | None = None, drop_unsolved: bool = False) -> int:
         """The profile of the starting policy: pass rates of `indices` (default: every prompt) from `rollouts`
-        rollouts each. Prompts not profiled leave the pool; with drop_solved so do those solved every time.
-        Returns how many profiled prompts were dropped as solved (none when that would empty the pool)."""
+        rollouts each. Prompts not profiled leave the pool; with drop_solved so do those solved every time, and
+        with drop_unsolved those never solved. Returns how many profiled prompts were dropped (none when that
+        would empty the pool)."""
         idx = list(range(len(self.groups))) if indices is None else list(indices)
         rates = torch.as_tensor(pass_rates, dtype=torch.float64)
         if rates.shape != (len(idx),):
@@ -78,12 +79,12 @@ class CurriculumSampler:
         keep[idx] = True
         self.pass_rate[idx] = rates
         self.seen[idx] = float(rollouts)
-        solved = torch.zeros(len(self.groups), dtype=torch.bool)
-        solved[idx] = rates >= 1.0
+        drop = torch.zeros(len(self.groups), dtype=torch.bool)
+        drop[idx] = ((rates >= 1.0) & drop_solved) | ((rates <= 0.0) & drop_unsolved)
         dropped = 0
-        if drop_solved and bool((keep & ~solved).any()):
-            dropped = int((keep & solved).sum())
-            keep &= ~solved
+        if bool((keep & ~drop).any()):
+            dropped = int((keep & drop).sum())
+            keep &= ~drop
         self.active = keep
         self.profiled = True
         self._index()

@@ -7,8 +7,8 @@ ratio drifts and where the losses differ. Before the first and after the last st
 a held-out set of RL prompts (greedy and sampled), which `flashops run` prints side by side.
 
 The curriculum as published (rl.curriculum): before the first step the starting policy answers each pool
-prompt profileRollouts times (batched, with a progress bar); prompts it always solves are dropped and the
-rest start at their profiled pass rate. The profile is in the checkpointed stage state: a resumed run
+prompt profileRollouts times (batched, with a progress bar); prompts it always solves are dropped (with
+dropUnsolved, also those it never solves) and the rest start at their profiled pass rate. The profile is in the checkpointed stage state: a resumed run
 does not profile again.
 
     from flashops.trainers.rl import generate, evaluate
@@ -167,18 +167,20 @@ class RLStage(Stage):
             for j, t in enumerate(tasks):
                 rates.append(sum(correct(t, self.codec.decode(c_)) for c_ in completions[j * k:(j + 1) * k]) / k)
             self.tr.progress("profiling", len(rates), len(idx))
-        dropped = self.sampler.set_profile(rates, k, c.drop_solved, idx)
-        solved = sum(1 for r in rates if r >= 1.0)
+        dropped = self.sampler.set_profile(rates, k, c.drop_solved, idx, c.drop_unsolved)
+        solved, unsolved = sum(1 for r in rates if r >= 1.0), sum(1 for r in rates if r <= 0.0)
         self.profile_stats = {"profile_prompts": len(idx), "profile_rollouts": len(idx) * k,
                               "profile_pass_rate": sum(rates) / len(rates), "profile_solved": solved,
-                              "profile_dropped": dropped, "pool_active": int(self.sampler.active.sum()),
-                              "profile_seconds": time.time() - t0}
-        if c.drop_solved and solved and not dropped:
-            log.warning("curriculum: the starting policy solves all %d profiled prompts; none dropped (RL has "
-                        "nothing to learn from them: use harder prompts or another rl.domains)", solved)
-        log.info("curriculum profile: %d prompts x %d rollouts, mean pass rate %.3f, %d solved, %d dropped, "
-                 "%d in the pool (%.1fs)", len(idx), k, self.profile_stats["profile_pass_rate"], solved, dropped,
-                 self.profile_stats["pool_active"], self.profile_stats["profile_seconds"])
+                              "profile_unsolved": unsolved, "profile_dropped": dropped,
+                              "pool_active": int(self.sampler.active.sum()), "profile_seconds": time.time() - t0}
+        droppable = solved * c.drop_solved + unsolved * c.drop_unsolved
+        if droppable and not dropped:
+            log.warning("curriculum: dropping the %d solved%s profiled prompts would empty the pool; none dropped "
+                        "(RL has little to learn from them: use other prompts or another rl.domains)", solved,
+                        f" and {unsolved} never-solved" if c.drop_unsolved else "")
+        log.info("curriculum profile: %d prompts x %d rollouts, mean pass rate %.3f, %d solved, %d never solved, "
+                 "%d dropped, %d in the pool (%.1fs)", len(idx), k, self.profile_stats["profile_pass_rate"], solved,
+                 unsolved, dropped, self.profile_stats["pool_active"], self.profile_stats["profile_seconds"])
         return self.profile_stats
 
     def _logprobs(self, model, tokens):

@@ -44,7 +44,8 @@ def test_round_trip_keeps_camel_case_and_defaults():
     assert run.spec.rl.c_plus_value == pytest.approx(0.25) and run.spec.rl.c_minus_value == pytest.approx(0.15)
     assert run.spec.rl.policy_loss_kwargs() == {"eps": 3e-4, "eps_high": 4e-4}
     # the curriculum as published by default; the old boolean form still reads (as {enabled: ...})
-    assert d["spec"]["rl"]["curriculum"] == {"enabled": True, "profile": True, "profileRollouts": 10, "dropSolved": True}
+    assert d["spec"]["rl"]["curriculum"] == {"enabled": True, "profile": True, "profileRollouts": 10, "dropSolved": True,
+                                             "dropUnsolved": False}
     for old, enabled in (("true", True), ("false", False)):
         (r,) = load_text(RUN % "rl" + f"  rl: {{curriculum: {old}}}\n")
         assert r.spec.rl.curriculum.enabled is enabled and r.spec.rl.curriculum.profile

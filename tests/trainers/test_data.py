@@ -192,6 +192,23 @@ def test_curriculum_profile_drops_solved_prompts_and_keeps_updating():
     assert sub.active.nonzero().flatten().tolist() == [2, 8] and sub.names == ["a", "b"]
 
 
+def test_curriculum_profile_can_drop_never_solved_prompts_too():
+    groups = ["a"] * 4 + ["b"] * 3
+    rates = [0.0, 0.25, 1.0, 0.0, 0.0, 0.0, 0.5]
+    s = CurriculumSampler(groups, total_steps=5)
+    assert s.set_profile(rates, rollouts=4, drop_solved=True, drop_unsolved=True) == 5
+    assert s.active.nonzero().flatten().tolist() == [1, 6]
+    assert {i for seed in range(30) for i in s.sample(4, 8, seed=seed)} == {1, 6}
+    only_unsolved = CurriculumSampler(groups, total_steps=5)
+    assert only_unsolved.set_profile(rates, rollouts=4, drop_solved=False, drop_unsolved=True) == 4
+    assert only_unsolved.active.nonzero().flatten().tolist() == [1, 2, 6]
+    # a group that loses every prompt is no longer drawn; a profile nothing would survive drops nothing
+    assert only_unsolved.names == ["a", "b"] and s.group_probs() == pytest.approx({"a": 0.5, "b": 0.5})
+    none_left = CurriculumSampler(["a", "b"], total_steps=3)
+    assert none_left.set_profile([0.0, 1.0], rollouts=4, drop_solved=True, drop_unsolved=True) == 0
+    assert bool(none_left.active.all())
+
+
 def test_curriculum_never_drops_the_whole_pool():
     s = CurriculumSampler(["a", "b"], total_steps=3)
     assert s.set_profile([1.0, 1.0], rollouts=4, drop_solved=True) == 0
