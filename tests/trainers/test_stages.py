@@ -136,6 +136,43 @@ def test_rl_resume_restores_curriculum_and_rollouts(home, store, tiny_run, monke
     assert int(cur["profiled"]) == 1 and int(cur["active"].sum()) == first["pool_active"]
 
 
+def test_rl_profile_with_drop_unsolved_trains_on_the_prompts_the_policy_sometimes_solves(home, store, tiny_run,
+                                                                                        monkeypatch, caplog):
+    """rl.curriculum.dropUnsolved: prompts no profiling rollout solved leave the pool, and the steps sample only
+    the rest. Which prompts are "solved" is fixed here (answers 2 and 3 count as right, whatever the tiny policy
+    says), so the profile is known; a profile that would drop everything drops nothing and says so."""
+    import logging
+
+    import flashops.trainers.rl as rl_module
+
+    solvable = {"2", "3"}
+    monkeypatch.setattr(rl_module, "correct", lambda task, completion: task.answer in solvable)
+    sampled: list[str] = []
+    real_train_step = rl_module.RLStage.train_step
+
+    def recording_train_step(self, step):
+        sampled.extend(self.pool[i].answer for i in self.sampler.sample(step, self.p.prompts_per_step, self.seed))
+        return real_train_step(self, step)
+
+    monkeypatch.setattr(rl_module.RLStage, "train_step", recording_train_step)
+    rl = {"groupSize": 2, "promptsPerStep": 4, "maxNewTokens": 2, "domains": ["counting"],
+          "curriculum": {"profileRollouts": 2, "profileMaxPrompts": 16, "dropSolved": False, "dropUnsolved": True}}
+    base = run_training(tiny_run("rl-du-base", "pretrain", training={"steps": 1}), store, False)
+    run = run_training(tiny_run("rl-du", "rl", initFrom=base.checkpoint_uri, rl=rl,
+                                training={"steps": 2, "seqLen": 32}), store, False)
+    first = run.history[0]
+    assert 0 < first["profile_unsolved"] < 16 and first["profile_dropped"] == first["profile_unsolved"]
+    assert first["pool_active"] == 16 - first["profile_unsolved"]
+    assert sampled and set(sampled) <= solvable  # the steps never drew a dropped prompt
+
+    monkeypatch.setattr(rl_module, "correct", lambda task, completion: False)  # nothing solved: keep everything
+    with caplog.at_level(logging.WARNING, logger="flashops.trainers"):
+        none_solved = run_training(tiny_run("rl-du-none", "rl", initFrom=base.checkpoint_uri, rl=rl,
+                                            training={"steps": 1, "seqLen": 32}), store, False)
+    assert none_solved.history[0]["profile_dropped"] == 0 and none_solved.history[0]["pool_active"] == 16
+    assert "would empty the pool" in caplog.text
+
+
 def test_resume_refuses_a_changed_spec(home, store, tiny_run):
     run_training(tiny_run("same-name", "pretrain", training={"steps": 1}), store, False)
     with pytest.raises(ResumeError, match="different spec"):
