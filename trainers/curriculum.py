@@ -10,8 +10,8 @@
     sampler.update(idx, pass_rates, rollouts=8) # observed per-prompt pass rates (group means)
 
 As published, pass rates are first profiled with K rollouts of the starting checkpoint and prompts it
-already solves (K of K right) are dropped (drop_unsolved also drops those it never solves, 0 of K); without a profile they start unknown (0.5). Either way they
-become the running mean of every rollout seen (the profile counts as its K rollouts). Sampling is a pure
+already solves (K of K right) are dropped (drop_unsolved also drops those it never solves, 0 of K);
+without a profile they start unknown (0.5). Either way they become the running mean of every rollout seen (the profile counts as its K rollouts). Sampling is a pure
 function of (seed, step, pass rates, active prompts), so saving `state_dict()` (the profile included) is
 enough for an exact resume that does not profile again.
 """
@@ -36,6 +36,11 @@ def prompt_weight(pass_rate, mu: float):
     if isinstance(pass_rate, torch.Tensor):
         return torch.exp(-0.5 * ((pass_rate - mu) / WIDTH) ** 2)
     return math.exp(-0.5 * ((pass_rate - mu) / WIDTH) ** 2)
+
+
+def solved_and_unsolved(pass_rates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of the profiled prompts every rollout solved (K of K) and none did (0 of K)."""
+    return pass_rates >= 1.0, pass_rates <= 0.0
 
 
 class CurriculumSampler:
@@ -80,7 +85,8 @@ class CurriculumSampler:
         self.pass_rate[idx] = rates
         self.seen[idx] = float(rollouts)
         drop = torch.zeros(len(self.groups), dtype=torch.bool)
-        drop[idx] = ((rates >= 1.0) & drop_solved) | ((rates <= 0.0) & drop_unsolved)
+        solved, unsolved = solved_and_unsolved(rates)
+        drop[idx] = (solved & drop_solved) | (unsolved & drop_unsolved)
         dropped = 0
         if bool((keep & ~drop).any()):
             dropped = int((keep & drop).sum())

@@ -8,8 +8,8 @@ a held-out set of RL prompts (greedy and sampled), which `flashops run` prints s
 
 The curriculum as published (rl.curriculum): before the first step the starting policy answers each pool
 prompt profileRollouts times (batched, with a progress bar); prompts it always solves are dropped (with
-dropUnsolved, also those it never solves) and the rest start at their profiled pass rate. The profile is in the checkpointed stage state: a resumed run
-does not profile again.
+dropUnsolved, also those it never solves) and the rest start at their profiled pass rate. The profile is in
+the checkpointed stage state: a resumed run does not profile again.
 
     from flashops.trainers.rl import generate, evaluate
     completions = generate(model, [prompt_ids], n=4, max_new=16, temperature=1.0, generator=g, eos=1)
@@ -24,7 +24,7 @@ import torch
 
 from flashops.model.sampling import sample_tokens
 from flashops.trainers.corpora import BuiltinDataset, eval_tasks, row_task
-from flashops.trainers.curriculum import CurriculumSampler, target_pass_rate
+from flashops.trainers.curriculum import CurriculumSampler, solved_and_unsolved, target_pass_rate
 from flashops.trainers.losses import POLICY_LOSSES, group_advantages, kl_penalty, token_logprobs
 from flashops.trainers.stages import Stage, _to_tensor, frozen_copy, split_micro
 from flashops.trainers.tasks import DOMAINS, Task, correct, reward
@@ -168,16 +168,16 @@ class RLStage(Stage):
                 rates.append(sum(correct(t, self.codec.decode(c_)) for c_ in completions[j * k:(j + 1) * k]) / k)
             self.tr.progress("profiling", len(rates), len(idx))
         dropped = self.sampler.set_profile(rates, k, c.drop_solved, idx, c.drop_unsolved)
-        solved, unsolved = sum(1 for r in rates if r >= 1.0), sum(1 for r in rates if r <= 0.0)
+        solved, unsolved = (int(m.sum()) for m in solved_and_unsolved(torch.tensor(rates)))
         self.profile_stats = {"profile_prompts": len(idx), "profile_rollouts": len(idx) * k,
                               "profile_pass_rate": sum(rates) / len(rates), "profile_solved": solved,
                               "profile_unsolved": unsolved, "profile_dropped": dropped,
                               "pool_active": int(self.sampler.active.sum()), "profile_seconds": time.time() - t0}
-        droppable = solved * c.drop_solved + unsolved * c.drop_unsolved
+        droppable = [f"{n} {what}" for n, what, on in ((solved, "solved", c.drop_solved),
+                                                         (unsolved, "never-solved", c.drop_unsolved)) if on and n]
         if droppable and not dropped:
-            log.warning("curriculum: dropping the %d solved%s profiled prompts would empty the pool; none dropped "
-                        "(RL has little to learn from them: use other prompts or another rl.domains)", solved,
-                        f" and {unsolved} never-solved" if c.drop_unsolved else "")
+            log.warning("curriculum: dropping the %s profiled prompts would empty the pool; none dropped (RL has "
+                        "little to learn from them: use other prompts or another rl.domains)", " and ".join(droppable))
         log.info("curriculum profile: %d prompts x %d rollouts, mean pass rate %.3f, %d solved, %d never solved, "
                  "%d dropped, %d in the pool (%.1fs)", len(idx), k, self.profile_stats["profile_pass_rate"], solved,
                  unsolved, dropped, self.profile_stats["pool_active"], self.profile_stats["profile_seconds"])

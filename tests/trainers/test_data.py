@@ -202,7 +202,8 @@ def test_curriculum_profile_can_drop_never_solved_prompts_too():
     only_unsolved = CurriculumSampler(groups, total_steps=5)
     assert only_unsolved.set_profile(rates, rollouts=4, drop_solved=False, drop_unsolved=True) == 4
     assert only_unsolved.active.nonzero().flatten().tolist() == [1, 2, 6]
-    # a group that loses every prompt is no longer drawn; a profile nothing would survive drops nothing
+    # each group keeps prompts, so both are still drawn (sqrt(1) : sqrt(1)); a profile nothing would survive
+    # drops nothing
     assert only_unsolved.names == ["a", "b"] and s.group_probs() == pytest.approx({"a": 0.5, "b": 0.5})
     none_left = CurriculumSampler(["a", "b"], total_steps=3)
     assert none_left.set_profile([0.0, 1.0], rollouts=4, drop_solved=True, drop_unsolved=True) == 0
