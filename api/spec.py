@@ -364,6 +364,11 @@ class RLParams(Spec):
         "policy updates per rollout batch; > 1 makes later updates off-policy, where the losses differ"))
     max_new_tokens: int = Field(16, ge=1, description="rollout length cap (the builtin tasks' answers are short)")
     temperature: float = Field(1.0, gt=0, description="rollout sampling temperature (1.0: sample the policy itself)")
+    thinking_ratio: float = Field(0.0, ge=0, le=1, description=(
+        "share of each step's prompts posed in thinking mode (the policy reasons inside <think> before it "
+        "answers; the reward reads the answer after </think>), as sft.thinkingRatio does for SFT. 0: "
+        "non-thinking only. RL in one mode moves the other mode's answers too (docs/evaluation.md): train both "
+        "where both are served. Thinking rollouts are longer: give maxNewTokens room for the reasoning"))
     curriculum: CurriculumSpec = Field(default_factory=CurriculumSpec, description=(
         "JoyAI-LLM Flash's difficulty curriculum, as published: profile, drop solved prompts, then sample by "
         "pass rate. The old boolean form (curriculum: true / false) is read as {enabled: true / false}"))

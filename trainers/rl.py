@@ -100,6 +100,13 @@ def evaluate(model, tasks: list[Task], codec, max_new: int = 16, samples: int = 
     }
 
 
+def thinking_modes(n: int, ratio: float, seed: int, step: int) -> list[bool]:
+    """Which of a step's n prompts are posed in thinking mode: round(ratio x n) of them, a seeded choice per
+    step (so a rerun or a resumed run poses the same prompts the same way)."""
+    chosen = set(random.Random(f"thinking:{seed}:{step}").sample(range(n), round(ratio * n)))
+    return [i in chosen for i in range(n)]
+
+
 def rollout_batch(prompts: list[list[int]], completions: list[list[int]], n: int, width: int, pad: int):
     """tokens (N, W) = prompt + completion (right-padded) and the response mask on targets (N, W-1)."""
     seqs, masks = [], []
@@ -191,7 +198,9 @@ class RLStage(Stage):
         tr, p = self.tr, self.p
         idx = self.sampler.sample(step, p.prompts_per_step, self.seed)
         tasks = [self.pool[i] for i in idx]
-        prompts = [self.codec.prompt([{"role": "user", "content": t.question}], thinking=False) for t in tasks]
+        thinking = thinking_modes(len(tasks), p.thinking_ratio, self.seed, step)
+        prompts = [self.codec.prompt([{"role": "user", "content": t.question}], thinking=th)
+                   for t, th in zip(tasks, thinking)]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         completions = generate(tr.model, prompts, p.group_size, p.max_new_tokens, p.temperature, g,
                                self.codec.eos, self.codec.pad, stop_early=tr.dist.world_size == 1)
@@ -245,6 +254,12 @@ class RLStage(Stage):
             ratio_mean, entropy, kls = tr.all_sum(r_sum) / n_resp, tr.all_sum(ent_sum) / n_resp, tr.all_sum(kl_sum)
             drift = tr.all_sum(drift_sum) / n_resp
             ratio_max = -tr.all_min(-r_max) if world > 1 else r_max
+        if p.thinking_ratio > 0:  # each mode's share of the solved rollouts, to see whether both improve
+            per_mode = solved.view(-1, p.group_size).mean(-1)
+            for mode, on in (("thinking", True), ("non_thinking", False)):
+                rows = [r for r, th in zip(per_mode.tolist(), thinking) if th == on]
+                if rows:
+                    stats[f"solved_{mode}"] = sum(rows) / len(rows)
         stats.update(loss=sum(losses) / len(losses), reward=float(rewards.mean()), solved=float(solved.mean()), ratio_mean=ratio_mean,
                      ratio_max=ratio_max, ratio_drift=drift, entropy=entropy, response_len=n_resp / n_global,
                      target_pass_rate=target_pass_rate(step, tr.spec.training.steps),

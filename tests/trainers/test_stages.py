@@ -173,6 +173,36 @@ def test_rl_profile_with_drop_unsolved_trains_on_the_prompts_the_policy_sometime
     assert "would empty the pool" in caplog.text
 
 
+def test_rl_thinking_ratio_poses_that_share_of_each_steps_prompts_in_thinking_mode(home, store, tiny_run,
+                                                                                    monkeypatch):
+    """rl.thinkingRatio 0.5 with 4 prompts a step: 2 of them open <think> for the policy to reason in (the other
+    2 close it at once), a seeded choice that differs between steps; each mode's solved share is reported."""
+    import flashops.trainers.rl as rl_module
+    from flashops.model.tokenizer import END_THINK, THINK, TokenizerCodec
+
+    codec = TokenizerCodec()
+    think, end_think = codec.encode(THINK), codec.encode(END_THINK)
+    posed: list[list[bool]] = []
+    real_generate = rl_module.generate
+
+    def recording_generate(model, prompts, n, *args, **kwargs):
+        if n == 2:  # a training step's rollouts (groupSize 2); evaluation samples 4 or 1
+            posed.append([p[-len(think):] == think for p in prompts])
+            assert all(p[-len(think):] == think or p[-len(end_think):] == end_think for p in prompts)
+        return real_generate(model, prompts, n, *args, **kwargs)
+
+    monkeypatch.setattr(rl_module, "generate", recording_generate)
+    rl = {"groupSize": 2, "promptsPerStep": 4, "maxNewTokens": 3, "thinkingRatio": 0.5, "curriculum": {"profile": False}}
+    base = run_training(tiny_run("rl-th-base", "pretrain", training={"steps": 1}), store, False)
+    run = run_training(tiny_run("rl-th", "rl", initFrom=base.checkpoint_uri, rl=rl,
+                                training={"steps": 3, "seqLen": 32}), store, False)
+    assert len(posed) == 3 and all(sum(step) == 2 for step in posed)
+    assert len({tuple(step) for step in posed}) > 1  # not the same two slots every step
+    assert all(0 <= row[f"solved_{m}"] <= 1 for row in run.history for m in ("thinking", "non_thinking"))
+    assert rl_module.thinking_modes(4, 0.5, 0, 1) == rl_module.thinking_modes(4, 0.5, 0, 1)  # a rerun poses the same
+    assert rl_module.thinking_modes(8, 0.0, 0, 1) == [False] * 8 and rl_module.thinking_modes(8, 1.0, 0, 1) == [True] * 8
+
+
 def test_resume_refuses_a_changed_spec(home, store, tiny_run):
     run_training(tiny_run("same-name", "pretrain", training={"steps": 1}), store, False)
     with pytest.raises(ResumeError, match="different spec"):
