@@ -293,8 +293,13 @@ class SFTParams(Spec):
 
 
 class DPOParams(Spec):
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, description=(
+        "DPO's beta: how strongly the policy is held to the reference (0.1: the DPO paper's usual setting)"))
     reference: str | None = Field(None, description="reference policy; default: the initFrom checkpoint")
+    nll_weight: float = Field(0.0, ge=0, description=(
+        "weight of the chosen responses' per-token NLL added to the DPO loss, as RPO does (arXiv 2404.19733: "
+        "1.0): it keeps DPO from lowering the chosen answers with the rejected ones, which on near-identical "
+        "pairs costs what SFT taught (docs/evaluation.md). 0: plain DPO"))
 
 
 # FiberPO's default split of the trajectory budget delta = C+ + C-. The FiberPO paper recommends C- < C+

@@ -158,8 +158,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     return a.view(-1)
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1):
-    """The DPO sigmoid loss on summed response log-probs [B]. Equals log 2 when policy == reference."""
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float = 0.1,
+             nll_weight: float = 0.0, chosen_tokens: torch.Tensor | None = None):
+    """The DPO sigmoid loss on summed response log-probs [B]. Equals log 2 when policy == reference.
+
+    nll_weight > 0 adds nll_weight x the chosen responses' per-token NLL (policy_chosen / chosen_tokens), as
+    RPO does (arXiv 2404.19733): the DPO term alone can lower the chosen answer's likelihood together with the
+    rejected one's, which on near-identical pairs (a sorted list and its shuffle) costs the answers SFT taught."""
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
     margin = chosen_reward - rejected_reward
@@ -167,6 +172,12 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     with torch.no_grad():
         stats = {"reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean(),
                  "chosen_reward": chosen_reward.mean(), "rejected_reward": rejected_reward.mean()}
+    if nll_weight > 0:
+        if chosen_tokens is None:
+            raise ValueError("nll_weight > 0 needs chosen_tokens, the number of response tokens of each chosen row")
+        nll = (-policy_chosen / chosen_tokens.clamp(min=1).to(policy_chosen.dtype)).mean()
+        loss = loss + nll_weight * nll
+        stats["chosen_nll"] = nll.detach()
     return loss, stats
 
 

@@ -321,6 +321,7 @@ class DPOStage(Stage):
     def __init__(self, trainer):
         super().__init__(trainer)
         self.beta = trainer.spec.dpo.beta
+        self.nll_weight = trainer.spec.dpo.nll_weight
         self.reference = frozen_copy(trainer.model)
         plan = trainer.plan
         if plan.reference_uri and plan.reference_uri != plan.init_uri:
@@ -369,7 +370,8 @@ class DPOStage(Stage):
         for sl in split_micro(ct.shape[0], self.micro):
             pc = sequence_logprob(self.tr.model, ct[sl], cm[sl])
             pr = sequence_logprob(self.tr.model, rt[sl], rm[sl])
-            loss, stats = dpo_loss(pc, pr, ref_c[sl], ref_r[sl], self.beta)
+            loss, stats = dpo_loss(pc, pr, ref_c[sl], ref_r[sl], self.beta, self.nll_weight,
+                                   cm[sl][:, 1:].sum(-1))
             frac = pc.shape[0] / n
             self.tr.backward(loss * frac)
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * frac

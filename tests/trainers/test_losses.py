@@ -135,6 +135,25 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
     assert loss2.item() < LOG2 and stats2["reward_accuracy"].item() == 1.0
 
 
+def test_dpo_nll_term_adds_the_chosen_per_token_nll_and_pulls_the_chosen_answer_up():
+    """dpo.nllWeight (RPO): loss = DPO + w x mean(-log p(chosen) / its token count); its gradient raises the
+    chosen log-prob even where the DPO term alone would lower it (both sides falling, the rejected faster)."""
+    chosen, rejected = torch.tensor([-6.0, -9.0]), torch.tensor([-8.0, -4.0])
+    tokens = torch.tensor([3.0, 6.0])
+    plain, _ = dpo_loss(chosen, rejected, chosen + 1, rejected + 1, beta=0.1)
+    rpo, stats = dpo_loss(chosen, rejected, chosen + 1, rejected + 1, beta=0.1, nll_weight=0.5, chosen_tokens=tokens)
+    assert rpo.item() == pytest.approx(plain.item() + 0.5 * (6 / 3 + 9 / 6) / 2)
+    assert stats["chosen_nll"].item() == pytest.approx((6 / 3 + 9 / 6) / 2)
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        dpo_loss(chosen, rejected, chosen, rejected, nll_weight=1.0)
+    # the DPO term alone is indifferent to a shared shift of both sides; the NLL term is not
+    c = torch.tensor([-6.0], requires_grad=True)
+    r = torch.tensor([-8.0], requires_grad=True)
+    loss, _ = dpo_loss(c, r, torch.tensor([-6.0]), torch.tensor([-8.0]), nll_weight=1.0, chosen_tokens=torch.tensor([3.0]))
+    loss.backward()
+    assert c.grad.item() < -0.3  # descending the loss raises log p(chosen) by more than DPO's own pull (0.05)
+
+
 def test_group_advantages_are_zero_mean_per_group_and_kl_is_zero_at_the_reference():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     a = group_advantages(r, 4)

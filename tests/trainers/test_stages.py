@@ -30,6 +30,9 @@ def test_four_stages_chain_through_store_and_lineage(home, store, tiny_run):
     dpo = run_training(tiny_run("t-dpo", "dpo", initFrom=sft.checkpoint_uri), store, lin)
     assert dpo.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1
     assert {"reward_margin", "reward_accuracy"} <= set(dpo.history[0])
+    rpo = run_training(tiny_run("t-rpo", "dpo", initFrom=sft.checkpoint_uri, dpo={"nllWeight": 1.0}), store, False)
+    first = rpo.history[0]  # at step 1 the DPO term is log 2, and the rest is the chosen answers' per-token NLL
+    assert first["chosen_nll"] > 0 and first["loss"] == pytest.approx(math.log(2) + first["chosen_nll"], abs=1e-4)
     rl_run = tiny_run("t-rl", "rl", initFrom=dpo.checkpoint_uri, training={"steps": 1, "seqLen": 32},
                       rl={"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4, "updatesPerBatch": 2,
                           "klCoef": 0.01, "curriculum": {"profileRollouts": 2, "profileMaxPrompts": 8}})
