@@ -18,6 +18,9 @@ What it does:
 4. Evaluates the same checkpoints on a wider held-out suite, --wide-per-level prompts per domain and level from
    the same held-out split (8: 91 tasks, a superset of builtin:rl-heldout's 24), written to
    <workdir>/rl-heldout-<n>.jsonl: one task is 0.011 there against 0.042, so a gain of a few tasks shows.
+5. When a stage (DPO) sits between SFT and RL, also evaluates the SFT checkpoint on the wider suite and prints
+   where each RL checkpoint ends against it: a gain over a start that DPO lowered can be a repair, not a step
+   past what SFT taught.
 
 It prints per seed before / after / gain and the median and [min..max] of the gain, the CPU and the load.
 """
@@ -56,27 +59,29 @@ def rl_stage_index(pipeline) -> int:
     return index
 
 
-def train_start(pipeline, store, rl_index: int) -> str:
-    """The checkpoint of the last training stage before the RL stage at rl_index (trained or reused)."""
+def train_start(pipeline, store, rl_index: int) -> dict[str, str]:
+    """The checkpoints of the training stages before the RL stage at rl_index (trained or reused), by stage kind
+    in pipeline order: the last one is where RL starts."""
     from flashops.api.spec import pipeline_stage_run
     from flashops.trainers.runner import run_training
 
     stages = pipeline.spec.stages
     previous = None
+    trained: dict[str, str] = {}
     for i in range(rl_index):
         if stages[i].spec.stage == "eval":
             continue
         run = pipeline_stage_run(pipeline, i, previous)
         if (ref := _finished(store, run)) is not None:
-            previous = ref.uri
+            previous = trained[stages[i].spec.stage] = ref.uri
             print(f"  {run.metadata.name}: reusing {ref.uri}", flush=True)
             continue
         began = time.perf_counter()
         result = run_training(run, store, False)
-        previous = result.checkpoint_uri
+        previous = trained[stages[i].spec.stage] = result.checkpoint_uri
         print(f"  {run.metadata.name}: {result.steps} steps, loss {result.metrics.get('loss', float('nan')):.3f} "
               f"({time.perf_counter() - began:.0f} s)", flush=True)
-    return previous
+    return trained
 
 
 def with_settings(spec, settings: list[str]):
@@ -185,15 +190,20 @@ def main() -> None:
                  "spec.rl, spec.optimizer, spec.training)")
     store = open_store(f"file://{args.workdir}/store")
     print(f"training {args.pipeline} before RL into {args.workdir}", flush=True)
-    start = train_start(pipeline, store, rl_index)
+    trained = train_start(pipeline, store, rl_index)
+    start = list(trained.values())[-1]
     wide = wide_suite(args.workdir, args.wide_per_level) if args.wide_per_level > 0 else None
     before, wide_before = heldout(start, max_tokens, wide)
+    # where SFT left the model, when a later stage (DPO) comes between it and RL: does RL end above it?
+    sft_uri = trained.get("sft") if trained.get("sft") != start else None
+    sft, wide_sft = heldout(sft_uri, max_tokens, wide) if sft_uri else (None, None)
     results: dict = {"machine": machine(), "pipeline": str(args.pipeline), "suite": SUITE, "max_tokens": max_tokens,
                      "settings": settings,
                      "rl": {"optimizer": rl_spec.optimizer.model_dump(mode="json", by_alias=True),
                             "training": rl_spec.training.model_dump(mode="json", by_alias=True),
                             "rl": rl_spec.rl.model_dump(mode="json", by_alias=True)},
-                     "start": start, "before": before, "wide_suite": wide, "wide_before": wide_before, "seeds": {}}
+                     "start": start, "before": before, "wide_suite": wide, "wide_before": wide_before,
+                     "sft": sft_uri, "sft_heldout": sft, "wide_sft": wide_sft, "seeds": {}}
     for seed in args.seeds:
         uri, table = train_rl(pipeline, store, rl_index, start, seed, settings)
         after, wide_after = heldout(uri, max_tokens, wide)
@@ -244,6 +254,13 @@ def main() -> None:
                           for d in wide_before[m]["per_domain"]}
             print("    per domain, before -> after per seed: " + "; ".join(
                 f"{d} {wide_before[m]['per_domain'][d]:.2f} -> {v}" for d, v in per_domain.items()))
+            if wide_sft:
+                sft_acc = wide_sft[m]["accuracy"]
+                over = [b + x - sft_acc for x in g]
+                results["gain"]["wide"][m.replace("-", "_")]["over_sft"] = {
+                    "sft": sft_acc, "median": statistics.median(over), "min": min(over), "max": max(over), "per_seed": over}
+                print(f"    after RL against the SFT checkpoint ({sft_acc:.3f}): {_spread(over)}; above it in "
+                      f"{sum(x > 0 for x in over)} of {len(over)} seeds")
     print(f"total {time.perf_counter() - began:.0f} s; machine at the end: {machine()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
