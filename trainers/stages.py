@@ -314,7 +314,8 @@ def frozen_copy(model):
 
 class DPOStage(Stage):
     """Pairs (prompt, chosen, rejected) in non-thinking chat form; the reference is a frozen copy of the
-    starting policy (or dpo.reference); loss -log sigmoid(beta x (policy - reference) margin)."""
+    starting policy (or dpo.reference); loss -log sigmoid(beta x (policy - reference) margin), plus
+    dpo.nllWeight x the chosen answers' per-token NLL (RPO) when set."""
 
     name = "dpo"
 
