@@ -18,7 +18,10 @@ What it does:
 4. Evaluates the same checkpoints on a wider held-out suite, --wide-per-level prompts per domain and level from
    the same held-out split (8: 91 tasks, a superset of builtin:rl-heldout's 24), written to
    <workdir>/rl-heldout-<n>.jsonl: one task is 0.011 there against 0.042, so a gain of a few tasks shows.
-5. When a stage (DPO) sits between SFT and RL, also evaluates the SFT checkpoint on the wider suite and prints
+5. Samples --headroom-samples answers per wider-suite task from the start and prints, per domain, greedy accuracy
+   against pass@k: RL turns sampled hits into greedy ones, so where greedy already matches pass@k (or pass@k on
+   small-number answers is guessing) there is little for it to gain.
+6. When a stage (DPO) sits between SFT and RL, also evaluates the SFT checkpoint on the wider suite and prints
    where each RL checkpoint ends against it: a gain over a start that DPO lowered can be a repair, not a step
    past what SFT taught.
 
@@ -148,6 +151,36 @@ def heldout(uri: str, max_tokens: int, wide: str | None = None) -> tuple[dict, d
     return per_suite[0], (per_suite[1] if wide else None)
 
 
+def headroom(uri: str, per_level: int, samples: int, max_new: int, temperature: float = 1.0) -> dict:
+    """What RL could sharpen at the start: per domain, greedy accuracy, pass@samples and mean accuracy of
+    `samples` sampled answers (temperature 1, non-thinking) on the wider held-out suite's tasks, and how many
+    tasks some sample solves that greedy misses. RL turns sampled hits into greedy ones; where greedy already
+    matches pass@k there is little to turn, and a high pass@k on small-number answers can be guessing."""
+    from flashops.model.tokenizer import TokenizerCodec
+    from flashops.serving.loading import load_checkpoint_model
+    from flashops.trainers.rl import generate
+    from flashops.trainers.tasks import correct, heldout_tasks
+
+    model, _ = load_checkpoint_model(uri)
+    codec = TokenizerCodec(skip_special_tokens=False)
+    tasks = heldout_tasks(per_level)
+    prompts = [codec.prompt([{"role": "user", "content": t.question}], thinking=False) for t in tasks]
+    greedy = generate(model, prompts, 1, max_new, 0.0, None, codec.eos, codec.pad)
+    sampled = generate(model, prompts, samples, max_new, temperature, torch.Generator().manual_seed(0), codec.eos,
+                       codec.pad)
+    out: dict = {}
+    for i, t in enumerate(tasks):
+        hits = [correct(t, codec.decode(c)) for c in sampled[i * samples:(i + 1) * samples]]
+        g = correct(t, codec.decode(greedy[i]))
+        d = out.setdefault(t.domain, {"tasks": 0, "greedy": 0, f"pass@{samples}": 0, "mean": 0.0, "headroom": 0})
+        d["tasks"] += 1
+        d["greedy"] += g
+        d[f"pass@{samples}"] += any(hits)
+        d["mean"] += sum(hits) / samples
+        d["headroom"] += any(hits) and not g
+    return out
+
+
 def _spread(xs: list[float]) -> str:
     return f"median {statistics.median(xs):+.3f} [{min(xs):+.3f}..{max(xs):+.3f}]"
 
@@ -168,6 +201,9 @@ def main() -> None:
     ap.add_argument("--wide-per-level", type=int, default=8, metavar="N",
                     help="also evaluate a wider held-out suite of N prompts per domain and level (8: 91 tasks; "
                          "0: skip it)")
+    ap.add_argument("--headroom-samples", type=int, default=16, metavar="K",
+                    help="sample K answers per wider-suite task from the start: greedy vs pass@K per domain, what RL "
+                         "could turn into greedy answers (0: skip)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
@@ -197,13 +233,15 @@ def main() -> None:
     # where SFT left the model, when a later stage (DPO) comes between it and RL: does RL end above it?
     sft_uri = trained.get("sft") if trained.get("sft") != start else None
     sft, wide_sft = heldout(sft_uri, max_tokens, wide) if sft_uri else (None, None)
+    room = headroom(start, args.wide_per_level, args.headroom_samples, rl_spec.rl.max_new_tokens) \
+        if args.headroom_samples and wide else None
     results: dict = {"machine": machine(), "pipeline": str(args.pipeline), "suite": SUITE, "max_tokens": max_tokens,
                      "settings": settings,
                      "rl": {"optimizer": rl_spec.optimizer.model_dump(mode="json", by_alias=True),
                             "training": rl_spec.training.model_dump(mode="json", by_alias=True),
                             "rl": rl_spec.rl.model_dump(mode="json", by_alias=True)},
                      "start": start, "before": before, "wide_suite": wide, "wide_before": wide_before,
-                     "sft": sft_uri, "sft_heldout": sft, "wide_sft": wide_sft, "seeds": {}}
+                     "sft": sft_uri, "sft_heldout": sft, "wide_sft": wide_sft, "headroom": room, "seeds": {}}
     for seed in args.seeds:
         uri, table = train_rl(pipeline, store, rl_index, start, seed, settings)
         after, wide_after = heldout(uri, max_tokens, wide)
@@ -261,6 +299,14 @@ def main() -> None:
                     "sft": sft_acc, "median": statistics.median(over), "min": min(over), "max": max(over), "per_seed": over}
                 print(f"    after RL against the SFT checkpoint ({sft_acc:.3f}): {_spread(over)}; above it in "
                       f"{sum(x > 0 for x in over)} of {len(over)} seeds")
+    if room:
+        k = args.headroom_samples
+        print(f"what RL could sharpen at the start (wider suite, non-thinking, {k} samples at temperature 1): "
+              "domain: greedy / pass@k / mean of the samples, tasks some sample solves that greedy misses")
+        for d, r in room.items():
+            n = r["tasks"]
+            print(f"    {d:>10}: {r['greedy'] / n:.2f} / {r[f'pass@{k}'] / n:.2f} / {r['mean'] / n:.2f}, "
+                  f"{r['headroom']} of {n}")
     print(f"total {time.perf_counter() - began:.0f} s; machine at the end: {machine()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
