@@ -20,6 +20,12 @@ from typing import Any, Literal
 
 
 
+# Fields a run may set differently from the checkpoint it starts from (initFrom): how it computes (the attention
+# kernel), how it trains (the router-bias rate; the init of weights the checkpoint then overwrites) and free-form
+# notes. Every other field shapes the weights, and a difference there is refused.
+RUN_TIME_FIELDS = frozenset({"attention", "extra", "bias_update_rate", "init_std"})
+
+
 class ConfigError(ValueError):
     """A bad model config value. Names the field, the value and how to fix it."""
 

@@ -147,13 +147,14 @@ def preflight(run: TrainingRun, store=None, lineage=None, *, check_init: bool = 
 
 
 def _check_compatible(uri: str, cfg) -> None:
+    from flashops.api.architecture import RUN_TIME_FIELDS
     from flashops.storage import open_store, split_checkpoint_uri
 
     root, _, _ = split_checkpoint_uri(uri)
     meta = open_store(root).meta(uri)
     theirs = meta.model_config or {}
     ours = cfg.to_dict()
-    diff = sorted(k for k in ours if k in theirs and theirs[k] != ours[k] and k not in ("extra", "attention"))
+    diff = sorted(k for k in ours if k in theirs and theirs[k] != ours[k] and k not in RUN_TIME_FIELDS)
     if diff:
         raise SpecValueError(f"spec.initFrom = {uri!r}: its model differs in {', '.join(diff)} "
                              f"(checkpoint {[theirs[k] for k in diff]} vs spec {[ours[k] for k in diff]}); "

@@ -235,6 +235,32 @@ def test_bad_specs_fail_before_any_compute(home, store, spec, error, match, monk
     assert store.latest("bad") is None
 
 
+def test_a_run_may_change_how_it_trains_but_not_the_shapes_of_its_checkpoint(home, store, tiny_run):
+    """initFrom a checkpoint: a different dim is refused before any step, naming the field and both values; a
+    different biasUpdateRate (0: the router bias frozen, e.g. for post-training) is accepted and freezes it."""
+    import torch
+
+    base = run_training(tiny_run("shape-base", "pretrain", training={"steps": 1}), store, False)
+    with pytest.raises(SpecValueError, match=r"differs in dim \(checkpoint \[128\] vs spec \[64\]\)"):
+        run_training(tiny_run("wider", "sft", initFrom=base.checkpoint_uri,
+                              model={"preset": "joyai-flash-debug", "overrides": {"dim": 64}}), store, False)
+    assert store.latest("wider") is None  # refused before any step
+    frozen = run_training(tiny_run("frozen-bias", "sft", initFrom=base.checkpoint_uri,
+                                   model={"preset": "joyai-flash-debug", "overrides": {"biasUpdateRate": 0}}),
+                          store, False)
+
+    def router_biases(uri):
+        from flashops.serving.loading import load_checkpoint_model
+
+        model, _ = load_checkpoint_model(uri)
+        return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("expert_bias_E")}
+
+    before, after = router_biases(base.checkpoint_uri), router_biases(frozen.checkpoint_uri)
+    assert before and all(torch.equal(before[k], after[k]) for k in before)
+    moved = run_training(tiny_run("moving-bias", "sft", initFrom=base.checkpoint_uri), store, False)
+    assert any(not torch.equal(before[k], v) for k, v in router_biases(moved.checkpoint_uri).items())
+
+
 def test_rl_and_dpo_need_a_starting_policy(home, store, tiny_run):
     with pytest.raises(SpecValueError, match="initFrom"):
         run_training(tiny_run("lonely", "rl"), store, False)
