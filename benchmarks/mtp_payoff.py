@@ -106,13 +106,14 @@ def rl_prompts(pipeline_file: Path) -> list[list[int]]:
     from flashops.api.spec import TrainingPipeline, load_file
     from flashops.model.tokenizer import TokenizerCodec
     from flashops.trainers.corpora import eval_tasks
+    from flashops.trainers.rl import task_prompts
     from flashops.trainers.tasks import DOMAINS
 
     pipeline = next(o for o in load_file(pipeline_file) if isinstance(o, TrainingPipeline))
     rl = next(s.spec for s in pipeline.spec.stages if s.spec.stage == "rl")
     codec = TokenizerCodec(skip_special_tokens=False)
     tasks = eval_tasks(4, rl.training.seed, tuple(rl.rl.domains or DOMAINS))
-    return [codec.prompt([{"role": "user", "content": t.question}], thinking=False) for t in tasks], codec.eos
+    return task_prompts(codec, tasks), codec.eos
 
 
 # ---- decoding ----------------------------------------------------------------------------------------

@@ -62,26 +62,28 @@ def rl_stage_index(pipeline) -> int:
     return index
 
 
-def train_start(pipeline, store, rl_index: int) -> dict[str, str]:
-    """The checkpoints of the training stages before the RL stage at rl_index (trained or reused), by stage kind
-    in pipeline order: the last one is where RL starts."""
+def train_start(pipeline, store, rl_index: int) -> list[tuple[str, str]]:
+    """(stage kind, checkpoint) of each training stage before the RL stage at rl_index (trained or reused), in
+    pipeline order: the last one is where RL starts."""
     from flashops.api.spec import pipeline_stage_run
     from flashops.trainers.runner import run_training
 
     stages = pipeline.spec.stages
     previous = None
-    trained: dict[str, str] = {}
+    trained: list[tuple[str, str]] = []
     for i in range(rl_index):
         if stages[i].spec.stage == "eval":
             continue
         run = pipeline_stage_run(pipeline, i, previous)
         if (ref := _finished(store, run)) is not None:
-            previous = trained[stages[i].spec.stage] = ref.uri
+            previous = ref.uri
+            trained.append((stages[i].spec.stage, previous))
             print(f"  {run.metadata.name}: reusing {ref.uri}", flush=True)
             continue
         began = time.perf_counter()
         result = run_training(run, store, False)
-        previous = trained[stages[i].spec.stage] = result.checkpoint_uri
+        previous = result.checkpoint_uri
+        trained.append((stages[i].spec.stage, previous))
         print(f"  {run.metadata.name}: {result.steps} steps, loss {result.metrics.get('loss', float('nan')):.3f} "
               f"({time.perf_counter() - began:.0f} s)", flush=True)
     return trained
@@ -158,13 +160,13 @@ def headroom(uri: str, per_level: int, samples: int, max_new: int, temperature: 
     matches pass@k there is little to turn, and a high pass@k on small-number answers can be guessing."""
     from flashops.model.tokenizer import TokenizerCodec
     from flashops.serving.loading import load_checkpoint_model
-    from flashops.trainers.rl import generate
+    from flashops.trainers.rl import generate, task_prompts
     from flashops.trainers.tasks import correct, heldout_tasks
 
     model, _ = load_checkpoint_model(uri)
     codec = TokenizerCodec(skip_special_tokens=False)
     tasks = heldout_tasks(per_level)
-    prompts = [codec.prompt([{"role": "user", "content": t.question}], thinking=False) for t in tasks]
+    prompts = task_prompts(codec, tasks)
     greedy = generate(model, prompts, 1, max_new, 0.0, None, codec.eos, codec.pad)
     sampled = generate(model, prompts, samples, max_new, temperature, torch.Generator().manual_seed(0), codec.eos,
                        codec.pad)
@@ -227,11 +229,12 @@ def main() -> None:
     store = open_store(f"file://{args.workdir}/store")
     print(f"training {args.pipeline} before RL into {args.workdir}", flush=True)
     trained = train_start(pipeline, store, rl_index)
-    start = list(trained.values())[-1]
+    start = trained[-1][1]
     wide = wide_suite(args.workdir, args.wide_per_level) if args.wide_per_level > 0 else None
     before, wide_before = heldout(start, max_tokens, wide)
     # where SFT left the model, when a later stage (DPO) comes between it and RL: does RL end above it?
-    sft_uri = trained.get("sft") if trained.get("sft") != start else None
+    sft_uri = next((uri for kind, uri in reversed(trained) if kind == "sft"), None)
+    sft_uri = sft_uri if sft_uri != start else None
     sft, wide_sft = heldout(sft_uri, max_tokens, wide) if sft_uri else (None, None)
     room = headroom(start, args.wide_per_level, args.headroom_samples, rl_spec.rl.max_new_tokens) \
         if args.headroom_samples and wide else None

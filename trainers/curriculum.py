@@ -11,9 +11,10 @@
 
 As published, pass rates are first profiled with K rollouts of the starting checkpoint and prompts it
 already solves (K of K right) are dropped (drop_unsolved also drops those it never solves, 0 of K);
-without a profile they start unknown (0.5). Either way they become the running mean of every rollout seen (the profile counts as its K rollouts). Sampling is a pure
-function of (seed, step, pass rates, active prompts), so saving `state_dict()` (the profile included) is
-enough for an exact resume that does not profile again.
+without a profile they start unknown (0.5). Either way they become the running mean of every rollout seen
+(the profile counts as its K rollouts). Sampling is a pure function of (seed, step, pass rates, active
+prompts), so saving `state_dict()` (the profile included) is enough for an exact resume that does not profile
+again.
 """
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def generate(model, prompts: list[list[int]], n: int, max_new: int, temperature:
 def evaluate(model, tasks: list[Task], codec, max_new: int = 16, samples: int = 4, temperature: float = 1.0,
              seed: int = 0) -> dict:
     """Greedy accuracy and sampled mean reward on `tasks`, overall and per domain."""
-    prompts = [codec.prompt([{"role": "user", "content": t.question}], thinking=False) for t in tasks]
+    prompts = task_prompts(codec, tasks)
     greedy = generate(model, prompts, 1, max_new, 0.0, None, codec.eos, codec.pad)
     g = torch.Generator().manual_seed(seed)
     sampled = generate(model, prompts, samples, max_new, temperature, g, codec.eos, codec.pad)
@@ -98,6 +98,13 @@ def evaluate(model, tasks: list[Task], codec, max_new: int = 16, samples: int = 
         "examples": [{"question": tasks[i].question, "expected": tasks[i].answer,
                       "answer": codec.decode(greedy[i]).replace("<eos>", "")} for i in range(0, len(tasks), max(1, len(tasks) // 4))][:4],
     }
+
+
+def task_prompts(codec, tasks: list[Task], thinking: bool | list[bool] = False) -> list[list[int]]:
+    """Each task's question as a user turn, ending where the policy starts writing: in thinking mode (one flag
+    for all, or one per task) the prompt opens <think>, else it closes it at once."""
+    modes = thinking if isinstance(thinking, list) else [thinking] * len(tasks)
+    return [codec.prompt([{"role": "user", "content": t.question}], thinking=th) for t, th in zip(tasks, modes)]
 
 
 def thinking_modes(n: int, ratio: float, seed: int, step: int) -> list[bool]:
@@ -168,7 +175,7 @@ class RLStage(Stage):
         self.tr.progress("profiling", 0, len(idx))
         for start in range(0, len(idx), PROFILE_CHUNK):
             tasks = [self.pool[i] for i in idx[start:start + PROFILE_CHUNK]]
-            prompts = [self.codec.prompt([{"role": "user", "content": t.question}], thinking=False) for t in tasks]
+            prompts = task_prompts(self.codec, tasks)
             completions = generate(self.tr.model, prompts, k, p.max_new_tokens, p.temperature, g, self.codec.eos,
                                    self.codec.pad, stop_early=self.tr.dist.world_size == 1)
             for j, t in enumerate(tasks):
@@ -199,8 +206,7 @@ class RLStage(Stage):
         idx = self.sampler.sample(step, p.prompts_per_step, self.seed)
         tasks = [self.pool[i] for i in idx]
         thinking = thinking_modes(len(tasks), p.thinking_ratio, self.seed, step)
-        prompts = [self.codec.prompt([{"role": "user", "content": t.question}], thinking=th)
-                   for t, th in zip(tasks, thinking)]
+        prompts = task_prompts(self.codec, tasks, thinking)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         completions = generate(tr.model, prompts, p.group_size, p.max_new_tokens, p.temperature, g,
                                self.codec.eos, self.codec.pad, stop_early=tr.dist.world_size == 1)
@@ -208,7 +214,8 @@ class RLStage(Stage):
         rewards = torch.tensor([reward(tasks[k // p.group_size], t, p.partial_credit) for k, t in enumerate(texts)],
                                dtype=torch.float32)
         solved = torch.tensor([correct(tasks[k // p.group_size], t) for k, t in enumerate(texts)], dtype=torch.float32)
-        self.sampler.update(idx, solved.view(-1, p.group_size).mean(-1).tolist(), rollouts=p.group_size)
+        solved_per_prompt = solved.view(-1, p.group_size).mean(-1).tolist()
+        self.sampler.update(idx, solved_per_prompt, rollouts=p.group_size)
         self.cursor += len(idx)
         adv = group_advantages(rewards, p.group_size)
         tokens, mask = rollout_batch(prompts, completions, p.group_size, self.seq_len + 1, self.codec.pad)
@@ -255,9 +262,8 @@ class RLStage(Stage):
             drift = tr.all_sum(drift_sum) / n_resp
             ratio_max = -tr.all_min(-r_max) if world > 1 else r_max
         if p.thinking_ratio > 0:  # each mode's share of the solved rollouts, to see whether both improve
-            per_mode = solved.view(-1, p.group_size).mean(-1)
             for mode, on in (("thinking", True), ("non_thinking", False)):
-                rows = [r for r, th in zip(per_mode.tolist(), thinking) if th == on]
+                rows = [r for r, th in zip(solved_per_prompt, thinking) if th == on]
                 if rows:
                     stats[f"solved_{mode}"] = sum(rows) / len(rows)
         stats.update(loss=sum(losses) / len(losses), reward=float(rewards.mean()), solved=float(solved.mean()), ratio_mean=ratio_mean,
