@@ -119,6 +119,11 @@ def model_fit_problems(spec: Any, cfg: Any) -> list[tuple[str, Any, str]]:
     if spec.stage == "pretrain" and spec.pretrain.mtp_weight > 0 and cfg.num_mtp_layers == 0:
         out.append(("pretrain.mtpWeight", spec.pretrain.mtp_weight,
                     "the model has no MTP layer (numMtpLayers: 0); set mtpWeight: 0"))
+    params = spec.stage_params
+    mtp = getattr(params, "mtp", None)
+    # SFT's default-on setting trains the MTP layer where there is one; asking for it explicitly needs one
+    if mtp is not None and mtp.train and cfg.num_mtp_layers == 0 and "train" in mtp.model_fields_set:
+        out.append((f"{spec.stage}.mtp.train", True, "the model has no MTP layer (numMtpLayers: 0); set train: false"))
     if spec.parallelism.ep > 1 and cfg.num_experts % spec.parallelism.ep:
         out.append(("parallelism.ep", spec.parallelism.ep, f"must divide the model's {cfg.num_experts} experts"))
     return out

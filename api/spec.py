@@ -287,7 +287,32 @@ class PretrainParams(Spec):
     mtp_from_step: int = Field(0, ge=0, description="step from which the MTP loss is on")
 
 
+class MTPTrainSpec(Spec):
+    """Whether a post-training stage trains the MTP layer (the speculative draft head), and how hard."""
+
+    train: bool = Field(False, description=(
+        "train the MTP layer on this stage's tokens from the same forward pass (no extra rollout): SFT on the "
+        "assistant tokens, DPO on the chosen answers, RL on the policy's own rollouts. In DPO and RL its loss "
+        "does not reach the trunk (the trunk's hidden states are taken as constants), so the policy moves by its "
+        "own objective. Without it the MTP layer keeps what SFT taught and drifts from the final policy "
+        "(acceptance collapsing after RL in other models; MiMo freezes MTP during RL). Default: on in SFT, off in "
+        "DPO and RL until measured (docs/serving.md)"))
+    weight: float = Field(0.1, ge=0, le=10, description=(
+        "weight of the MTP loss (per-token cross-entropy) next to the stage's own loss; 0.1: the JoyAI-LLM Flash "
+        "and DeepSeek-V3 MTP weight"))
+
+
+class SFTMTPTrainSpec(MTPTrainSpec):
+    """SFT trains the MTP layer by default, as pretraining does (the JoyAI-LLM Flash recipe)."""
+
+    train: bool = Field(True, description=(
+        "train the MTP layer on the assistant tokens, the loss reaching the trunk as in pretraining; false: the "
+        "MTP layer keeps what pretraining taught"))
+
+
 class SFTParams(Spec):
+    mtp: SFTMTPTrainSpec = Field(default_factory=SFTMTPTrainSpec, description=(
+        "train the MTP layer on the assistant tokens with the next-token loss (on by default, as in pretraining)"))
     thinking_ratio: float = Field(0.5, ge=0, le=1, description="share of conversations in thinking mode")
     packing: Literal["best-fit", "none"] = "best-fit"
 
@@ -300,6 +325,8 @@ class DPOParams(Spec):
         "weight of the chosen responses' per-token NLL added to the DPO loss, as RPO does (arXiv 2404.19733: "
         "1.0): it keeps DPO from lowering the chosen answers with the rejected ones, which on near-identical "
         "pairs costs what SFT taught (docs/evaluation.md). 0: plain DPO"))
+    mtp: MTPTrainSpec = Field(default_factory=MTPTrainSpec, description=(
+        "train the MTP layer on the chosen answers (off by default)"))
 
 
 # FiberPO's default split of the trajectory budget delta = C+ + C-. The FiberPO paper recommends C- < C+
@@ -383,6 +410,8 @@ class RLParams(Spec):
         "the share of matching positions); an exact answer gets 1. 0: the binary verifiable reward of the "
         "papers. A small model that rarely answers exactly gets a gradient from near misses; accuracy, the "
         "curriculum's pass rates and the before/after table count exact answers only"))
+    mtp: MTPTrainSpec = Field(default_factory=MTPTrainSpec, description=(
+        "train the MTP layer on the policy's own rollouts in the update passes (off by default)"))
     domains: list[str] | None = None
 
     @field_validator("curriculum", mode="before")

@@ -482,10 +482,13 @@ class JoyAIFlash(DeepSeekV3Model):
         return self.get_attention_masks(positions)
 
     # -- forward
-    def forward(self, tokens, positions=None, cache: KVCache | None = None, start_pos: int = 0, mtp: bool = True):
+    def forward(self, tokens, positions=None, cache: KVCache | None = None, start_pos: int = 0, mtp: bool = True,
+                mtp_trunk_grad: bool = True):
         """tokens (B, L). positions (B, L) only for packed documents (restart at 0 per document).
         With a cache: writes positions start_pos..start_pos+L-1 of cache rows 0..B-1 and attends to
-        everything before; no MTP (forward_cached places each row on its own)."""
+        everything before; no MTP (forward_cached places each row on its own).
+        mtp_trunk_grad=False: the MTP layer reads the trunk's hidden states as constants, so an MTP loss
+        trains the MTP layer (and the shared embedding and head) but not the trunk's layers (post-training)."""
         bsz, seqlen = tokens.shape
         if cache is not None:
             if positions is not None:
@@ -499,7 +502,7 @@ class JoyAIFlash(DeepSeekV3Model):
         logits = self.logits(h)
         mtp_logits = None
         if mtp and self.mtp is not None:
-            mtp_logits = self._mtp_train_logits(tokens, h, positions)
+            mtp_logits = self._mtp_train_logits(tokens, h if mtp_trunk_grad else h.detach(), positions)
         return ModelOutput(logits, mtp_logits, h)
 
     def forward_cached(self, tokens: torch.Tensor, cache: KVCache, starts: int | list[int],

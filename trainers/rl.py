@@ -25,8 +25,9 @@ import torch
 from flashops.model.sampling import sample_tokens
 from flashops.trainers.corpora import BuiltinDataset, eval_tasks, row_task
 from flashops.trainers.curriculum import CurriculumSampler, solved_and_unsolved, target_pass_rate
-from flashops.trainers.losses import POLICY_LOSSES, group_advantages, kl_penalty, token_logprobs
-from flashops.trainers.stages import Stage, _to_tensor, frozen_copy, split_micro
+from flashops.trainers.losses import POLICY_LOSSES, group_advantages, kl_penalty
+from flashops.trainers.stages import (Stage, _to_tensor, frozen_copy, mtp_loss_sum, mtp_loss_weight, policy_forward,
+                                      split_micro)
 from flashops.trainers.tasks import DOMAINS, Task, correct, reward
 
 log = logging.getLogger("flashops.trainers")
@@ -145,6 +146,7 @@ class RLStage(Stage):
         self.sampler = CurriculumSampler([t.domain for t in self.pool], spec.training.steps, self.p.curriculum.enabled)
         self.profile_stats: dict = {}  # set when this process profiled; reported with the first step
         self.loss_fn = POLICY_LOSSES[self.p.algorithm]
+        self.mtp_weight = mtp_loss_weight(trainer, self.p.mtp)
         self.reference = frozen_copy(trainer.model) if self.p.kl_coef > 0 else None
         self.eval_before = evaluate(trainer.model, self.eval_set, self.codec, self.p.max_new_tokens,
                                     temperature=self.p.temperature, seed=self.seed)
@@ -197,10 +199,6 @@ class RLStage(Stage):
                  unsolved, dropped, self.profile_stats["pool_active"], self.profile_stats["profile_seconds"])
         return self.profile_stats
 
-    def _logprobs(self, model, tokens):
-        out = model(tokens[:, :-1], mtp=False)
-        return token_logprobs(out.logits, tokens[:, 1:]), out.logits
-
     def train_step(self, step: int) -> dict:
         tr, p = self.tr, self.p
         idx = self.sampler.sample(step, p.prompts_per_step, self.seed)
@@ -223,8 +221,8 @@ class RLStage(Stage):
         n = tokens.shape[0]
         micro = tr.spec.training.micro_batch_size or n
         with torch.no_grad():
-            old = torch.cat([self._logprobs(tr.model, tokens[sl])[0] for sl in split_micro(n, micro)])
-            ref = (torch.cat([self._logprobs(self.reference, tokens[sl])[0] for sl in split_micro(n, micro)])
+            old = torch.cat([policy_forward(tr.model, tokens[sl])[0] for sl in split_micro(n, micro)])
+            ref = (torch.cat([policy_forward(self.reference, tokens[sl])[0] for sl in split_micro(n, micro)])
                    if self.reference is not None else None)
         _reset_expert_counts(tr.model)
         # every rank sampled the same rollouts (same seed); each trains on its share of them
@@ -232,20 +230,28 @@ class RLStage(Stage):
         tokens, mask, adv_tok, old = (t[rank::world] for t in (tokens, mask, adv_tok, old))
         ref = ref[rank::world] if ref is not None else None
         n_global, n = n, tokens.shape[0]
-        losses, ratio_mean, ratio_max, entropy, kls, drift = [], 0.0, 0.0, 0.0, 0.0, 0.0
+        losses, ratio_mean, ratio_max, entropy, kls, drift, mtp_loss = [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        n_resp = max(tr.all_sum(float(mask.sum())), 1.0)  # response tokens of the global batch
         for _ in range(p.updates_per_batch):
-            total = 0.0
+            total, mtp_total = 0.0, 0.0
             r_sum, r_max, ent_sum, kl_sum, drift_sum = 0.0, 0.0, 0.0, 0.0, 0.0
             for sl in split_micro(n, micro):
-                lp, logits = self._logprobs(tr.model, tokens[sl])
+                lp, out = policy_forward(tr.model, tokens[sl], mtp=self.mtp_weight > 0)
+                logits = out.logits
                 loss, st = self.loss_fn(lp, old[sl], adv_tok[sl], mask[sl], **p.policy_loss_kwargs())
                 if ref is not None:
                     kl = kl_penalty(lp, ref[sl], mask[sl])
                     loss = loss + p.kl_coef * kl
                     kl_sum += float(kl.detach()) * lp.shape[0] / n_global
                 frac = lp.shape[0] / n_global  # a share of the global batch; FSDP sums over ranks
-                tr.backward(loss * frac)
                 total += float(loss.detach()) * frac
+                if self.mtp_weight > 0:  # rl.mtp: the MTP layer learns the policy's own rollouts
+                    mtp_sum = mtp_loss_sum(out, tokens[sl], mask[sl])
+                    loss = loss * frac + self.mtp_weight * mtp_sum / n_resp
+                    mtp_total += float(mtp_sum.detach()) / n_resp
+                    tr.backward(loss)
+                else:
+                    tr.backward(loss * frac)
                 with torch.no_grad():
                     m = mask[sl].float()
                     ratio = torch.exp((lp - old[sl]) * m)
@@ -256,8 +262,8 @@ class RLStage(Stage):
                     ent = -(logp.exp() * logp).sum(-1)
                     ent_sum += float((ent * m).sum())
             stats = tr.optimizer_step()
-            n_resp = max(tr.all_sum(float(mask.sum())), 1.0)
             losses.append(tr.all_sum(total))
+            mtp_loss = tr.all_sum(mtp_total)
             ratio_mean, entropy, kls = tr.all_sum(r_sum) / n_resp, tr.all_sum(ent_sum) / n_resp, tr.all_sum(kl_sum)
             drift = tr.all_sum(drift_sum) / n_resp
             ratio_max = -tr.all_min(-r_max) if world > 1 else r_max
@@ -272,6 +278,8 @@ class RLStage(Stage):
                      tokens=int(tokens.numel()) * world * (p.updates_per_batch + 1))
         if self.reference is not None:
             stats["kl"] = kls
+        if self.mtp_weight > 0:
+            stats["mtp_loss"] = mtp_loss
         stats.update(self.profile_stats)  # once: the row of the first step after profiling
         self.profile_stats = {}
         return stats

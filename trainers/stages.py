@@ -289,7 +289,7 @@ class SFTStage(Stage):
             batch = self.pack()
             width = batch.tokens.shape[0] * batch.tokens.shape[1]
             self.packing_efficiency = float((batch.tokens != self.codec.pad).sum()) / width
-        stats = supervised_step(self.tr, batch, mtp_weight=0.1 if self.tr.model.mtp is not None else 0.0)
+        stats = supervised_step(self.tr, batch, mtp_weight=mtp_loss_weight(self.tr, self.tr.spec.sft.mtp))
         stats["packing_efficiency"] = self.packing_efficiency  # filled / available tokens of the global batch
         return stats
 
@@ -297,10 +297,31 @@ class SFTStage(Stage):
 # ------------------------------------------------------------------------------------------ dpo
 
 
+def mtp_loss_weight(tr, setting) -> float:
+    """The weight of a stage's MTP loss (sft/dpo/rl.mtp): its weight when train is on and the model has an
+    MTP layer (preflight refuses an explicit train: true on a model without one), else 0."""
+    return setting.weight if setting.train and tr.model.mtp is not None else 0.0
+
+
+def policy_forward(model, tokens: torch.Tensor, mtp: bool = False):
+    """One forward over rows tokens (B, L+1): (log p of each target (B, L), the model's output). With mtp the
+    output has MTP logits too, computed from the trunk's hidden states taken as constants: in post-training
+    the MTP loss trains the MTP layer, not the policy's trunk (model.forward's mtp_trunk_grad)."""
+    out = model(tokens[:, :-1], mtp=mtp, mtp_trunk_grad=False)
+    return token_logprobs(out.logits, tokens[:, 1:]), out
+
+
+def mtp_loss_sum(out, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The MTP layer's cross-entropy summed over the masked targets (mask (B, L) on tokens[:, 1:]) of a
+    policy_forward(..., mtp=True) output; position 0 has no MTP prediction. Callers divide by the global count."""
+    after_first = (torch.arange(mask.shape[1], device=mask.device) > 0).to(mask.dtype)
+    ce, _ = masked_ce(out.mtp_logits, tokens[:, 1:], mask * after_first)
+    return ce
+
+
 def sequence_logprob(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of log p over masked target positions: tokens (B, L+1), mask (B, L+1) on targets."""
-    out = model(tokens[:, :-1], mtp=False)
-    lp = token_logprobs(out.logits, tokens[:, 1:])
+    lp, _ = policy_forward(model, tokens)
     return (lp * mask[:, 1:].to(lp.dtype)).sum(-1)
 
 
@@ -323,6 +344,7 @@ class DPOStage(Stage):
         super().__init__(trainer)
         self.beta = trainer.spec.dpo.beta
         self.nll_weight = trainer.spec.dpo.nll_weight
+        self.mtp_weight = mtp_loss_weight(trainer, trainer.spec.dpo.mtp)
         self.reference = frozen_copy(trainer.model)
         plan = trainer.plan
         if plan.reference_uri and plan.reference_uri != plan.init_uri:
@@ -367,14 +389,22 @@ class DPOStage(Stage):
         rank, world = self.tr.dist.rank, self.tr.dist.world_size
         if self.loader is None:  # every rank built the global batch: take this rank's rows
             ct, cm, rt, rm, ref_c, ref_r = (t[rank::world] for t in (ct, cm, rt, rm, ref_c, ref_r))
+        # the MTP loss (dpo.mtp) on the chosen answers' tokens, per token over all ranks' chosen tokens
+        n_mtp = global_counts(self.tr, cm[:, 2:].sum())[0] if self.mtp_weight > 0 else 1
         # each pair weighs 1/global pairs; FSDP sums the ranks' gradients
         for sl in split_micro(ct.shape[0], self.micro):
-            pc = sequence_logprob(self.tr.model, ct[sl], cm[sl])
+            lp_c, out_c = policy_forward(self.tr.model, ct[sl], mtp=self.mtp_weight > 0)
+            pc = (lp_c * cm[sl][:, 1:].to(lp_c.dtype)).sum(-1)
             pr = sequence_logprob(self.tr.model, rt[sl], rm[sl])
             loss, stats = dpo_loss(pc, pr, ref_c[sl], ref_r[sl], self.beta, self.nll_weight,
                                    cm[sl][:, 1:].sum(-1))
             frac = pc.shape[0] / n
-            self.tr.backward(loss * frac)
+            if self.mtp_weight > 0:
+                mtp_sum = mtp_loss_sum(out_c, ct[sl], cm[sl][:, 1:])
+                self.tr.backward(loss * frac + self.mtp_weight * mtp_sum / n_mtp)
+                totals["mtp_loss"] = totals.get("mtp_loss", 0.0) + float(mtp_sum.detach()) / float(n_mtp)
+            else:
+                self.tr.backward(loss * frac)
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * frac
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * frac

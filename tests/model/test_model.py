@@ -70,6 +70,27 @@ def test_causal_including_mtp(model, tokens):
         assert not torch.allclose(x[:, t + 1], y[:, t + 1], atol=1e-3), name  # and it does depend on t+1
 
 
+def test_an_mtp_loss_without_trunk_grad_trains_the_mtp_layer_and_not_the_trunk(tokens):
+    """mtp_trunk_grad=False (post-training's MTP loss): the trunk's layers get no gradient from an MTP loss, the
+    MTP layer does; with the default (pretraining, SFT) the loss reaches the trunk too. The logits are the same."""
+    torch.manual_seed(0)
+    m = JoyAIFlash(get_config("joyai-flash-debug"))
+    grads = {}
+    for trunk_grad in (True, False):
+        m.zero_grad(set_to_none=True)
+        out = m(tokens, mtp_trunk_grad=trunk_grad)
+        F.cross_entropy(out.mtp_logits[:, 1:-1].flatten(0, 1), tokens[:, 2:].flatten()).backward()
+        grads[trunk_grad] = {n: (p.grad.abs().sum().item() if p.grad is not None else 0.0)
+                             for n, p in m.named_parameters()}
+    trunk = [n for n in grads[True] if n.startswith("layers.")]
+    own = [n for n in grads[True] if n.startswith("mtp_layers.") and "expert_bias" not in n]
+    assert trunk and own
+    assert any(grads[True][n] > 0 for n in trunk)  # the default: the MTP loss shapes the trunk too
+    assert all(grads[False][n] == 0 for n in trunk)
+    assert all(grads[False][n] > 0 for n in own if grads[True][n] > 0)
+    assert sum(grads[False][n] > 0 for n in own) > len(own) // 2
+
+
 def test_kv_cache_gives_the_full_forward_logits(model, tokens):
     with torch.no_grad():
         full = model(tokens).logits

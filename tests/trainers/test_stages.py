@@ -206,6 +206,53 @@ def test_rl_thinking_ratio_poses_that_share_of_each_steps_prompts_in_thinking_mo
     assert rl_module.thinking_modes(8, 0.0, 0, 1) == [False] * 8 and rl_module.thinking_modes(8, 1.0, 0, 1) == [True] * 8
 
 
+@pytest.mark.slow
+def test_post_training_trains_the_mtp_layer_only_where_its_mtp_setting_says(home, store, tiny_run):
+    """sft.mtp on by default, dpo.mtp and rl.mtp off: a stage with it off leaves the MTP layer's weights
+    bit-identical to its start and reports no mtp_loss; with it on they move and the stage reports mtp_loss.
+    Asking for it on a model without an MTP layer is refused before any step; SFT's default is not."""
+    from flashops.serving.loading import load_checkpoint_model
+
+    def mtp_weights(uri):
+        model, _ = load_checkpoint_model(uri)
+        return {k: v.clone() for k, v in model.state_dict().items() if k.startswith("mtp_layers.")}
+
+    def moved(start, result):
+        after = mtp_weights(result.checkpoint_uri)
+        assert start.keys() == after.keys() and start
+        return any(not torch.equal(start[k], after[k]) for k in start)
+
+    base = run_training(tiny_run("mtp-base", "pretrain", training={"steps": 1}), store, False)
+    start = mtp_weights(base.checkpoint_uri)
+    rl = {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4, "curriculum": {"profile": False}}
+    runs = {
+        ("sft", True): tiny_run("mtp-sft-on", "sft", initFrom=base.checkpoint_uri, training={"steps": 1}),
+        ("sft", False): tiny_run("mtp-sft-off", "sft", initFrom=base.checkpoint_uri, training={"steps": 1},
+                                 sft={"mtp": {"train": False}}),
+        ("dpo", False): tiny_run("mtp-dpo-off", "dpo", initFrom=base.checkpoint_uri, training={"steps": 1}),
+        ("dpo", True): tiny_run("mtp-dpo-on", "dpo", initFrom=base.checkpoint_uri, training={"steps": 1},
+                                dpo={"mtp": {"train": True, "weight": 0.5}}),
+        ("rl", False): tiny_run("mtp-rl-off", "rl", initFrom=base.checkpoint_uri, rl=rl,
+                                training={"steps": 1, "seqLen": 32}),
+        ("rl", True): tiny_run("mtp-rl-on", "rl", initFrom=base.checkpoint_uri, rl={**rl, "mtp": {"train": True}},
+                               training={"steps": 1, "seqLen": 32}),
+    }
+    for (stage, on), run in runs.items():
+        result = run_training(run, store, False)
+        assert moved(start, result) == on, (stage, on)
+        assert ("mtp_loss" in result.history[-1]) == on, (stage, on)
+        if on:
+            assert math.isfinite(result.history[-1]["mtp_loss"]) and result.history[-1]["mtp_loss"] > 0
+    no_mtp = {"preset": "joyai-flash-debug", "overrides": {"numMtpLayers": 0}}
+    with pytest.raises(SpecValueError, match=r"spec.rl.mtp.train = True: the model has no MTP layer.*set train: false"):
+        run_training(tiny_run("mtp-none", "rl", initFrom=base.checkpoint_uri, model=no_mtp,
+                              rl={**rl, "mtp": {"train": True}}), store, False)
+    assert store.latest("mtp-none") is None
+    # SFT's default (on) trains the MTP layer where there is one, and is no error where there is none
+    plain = run_training(tiny_run("sft-no-mtp", "sft", model=no_mtp, training={"steps": 1}), store, False)
+    assert "mtp_loss" not in plain.history[-1]
+
+
 def test_resume_refuses_a_changed_spec(home, store, tiny_run):
     run_training(tiny_run("same-name", "pretrain", training={"steps": 1}), store, False)
     with pytest.raises(ResumeError, match="different spec"):
