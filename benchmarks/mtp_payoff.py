@@ -6,12 +6,13 @@ quickstart pipeline on its own data, and what training the MTP layer through RL 
 
 What it does:
 1. Trains the pipeline's stages before RL (pretrain -> sft -> dpo of --pipeline, as `flashops run` would)
-   into --workdir (a rerun reuses finished checkpoints), then its RL stage twice from the same DPO
-   checkpoint: rl.mtp.train false (the MTP layer as SFT left it) and true (it learns the rollouts).
+   into --workdir (a rerun reuses finished checkpoints; rl_gain.py's training), then per RL seed (--seeds,
+   0 1 2) its RL stage twice from the same DPO checkpoint: rl.mtp.train false (the MTP layer as SFT left it)
+   and true (it learns the policy's own rollouts).
 2. Acceptance length at k = 1..3 on the held-out RL prompts (the ones the RL stage evaluates on), greedy,
-   batch 1, through the serving engine, for the DPO model and both RL models; the speculative output is
-   checked token for token against plain greedy.
-3. Cost split at batch 1: one main decode step (1 token), one MTP draft call (1 pair) and one verify pass
+   batch 1, through the serving engine, for the DPO model and every RL model, with the median and spread
+   over seeds; the speculative output is checked token for token against plain greedy.
+3. Cost split at batch 1 (the first seed's rl.mtp.train model): one main decode step (1 token), one MTP draft call (1 pair) and one verify pass
    (k+1 tokens), in ms, timed interleaved; and the speedup k=3 vs k=0, paired per round (median over
    --rounds), next to what the cost split predicts: accept_len / ((verify + k x mtp) / main).
 
@@ -41,52 +42,22 @@ def machine() -> str:
 # ---- training through the project's pipeline ----------------------------------------------------------
 
 
-def train(pipeline_file: Path, workdir: Path) -> dict[str, str]:
-    """Checkpoint URIs: the last stage before RL ("start"), and RL with and without rl.mtp.train."""
-    from flashops.api.spec import TrainingPipeline, TrainingRun, load_file, pipeline_stage_run
+def train(pipeline_file: Path, workdir: Path, seeds: list[int]) -> dict:
+    """Checkpoint URIs: the last stage before RL ("start"), and per RL seed the RL stage without and with
+    rl.mtp.train ({"rl_mtp_off": {seed: uri}, "rl_mtp_on": {seed: uri}}), trained as rl_gain.py trains them."""
+    from rl_gain import rl_stage_index, train_rl, train_start
+
+    from flashops.api.spec import TrainingPipeline, load_file
     from flashops.storage import open_store
-    from flashops.trainers.runner import run_training
 
     pipeline = next(o for o in load_file(pipeline_file) if isinstance(o, TrainingPipeline))
     store = open_store(f"file://{workdir}/store")
-    stages = pipeline.spec.stages
-    rl_index = next((i for i, s in enumerate(stages) if s.spec.stage == "rl"), None)
-    if rl_index is None:
-        raise SystemExit(f"{pipeline_file}: the pipeline has no rl stage; this benchmark compares RL with and "
-                         "without rl.mtp.train")
-    def finished(run):  # a rerun reuses what an earlier one trained
-        ref = store.latest(run.metadata.name)
-        return ref if ref is not None and ref.step == run.spec.training.steps else None
-
-    previous = None
-    for i in range(rl_index):
-        run = pipeline_stage_run(pipeline, i, previous)
-        if (ref := finished(run)) is not None:
-            previous = ref.uri
-            print(f"  {run.metadata.name}: reusing {ref.uri}")
-            continue
-        began = time.perf_counter()
-        result = run_training(run, store, False)
-        previous = result.checkpoint_uri
-        print(f"  {run.metadata.name}: {result.steps} steps, loss {result.metrics.get('loss', float('nan')):.3f} "
-              f"({time.perf_counter() - began:.0f} s)", flush=True)
-    uris = {"start": previous}
+    rl_index = rl_stage_index(pipeline)
+    start = train_start(pipeline, store, rl_index)[-1][1]
+    uris: dict = {"start": start}
     for label, on in (("rl_mtp_off", False), ("rl_mtp_on", True)):
-        run = pipeline_stage_run(pipeline, rl_index, previous)
-        spec = run.spec.model_copy(deep=True)
-        spec.rl.mtp = spec.rl.mtp.model_copy(update={"train": on})
-        run = TrainingRun(metadata=run.metadata.model_copy(update={"name": f"{run.metadata.name}-mtp-{'on' if on else 'off'}"}),
-                          spec=spec)
-        if (ref := finished(run)) is not None:
-            uris[label] = ref.uri
-            print(f"  {run.metadata.name}: reusing {ref.uri}")
-            continue
-        began = time.perf_counter()
-        result = run_training(run, store, False)
-        uris[label] = result.checkpoint_uri
-        extra = f", mtp loss {result.metrics['mtp_loss']:.3f}" if "mtp_loss" in result.metrics else ""
-        print(f"  {run.metadata.name}: {result.steps} steps, reward {result.metrics.get('reward', float('nan')):.3f}"
-              f"{extra} ({time.perf_counter() - began:.0f} s)", flush=True)
+        uris[label] = {seed: train_rl(pipeline, store, rl_index, start, seed, [f"rl.mtp.train={str(on).lower()}"])[0]
+                       for seed in seeds}
     return uris
 
 
@@ -236,30 +207,39 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=24, help="RL prompts decoded (of the 48 held out)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="RL seeds (training.seed of the RL stage); each trains RL with and without rl.mtp.train")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
     print(f"machine: {machine()}")
     print(f"training {args.pipeline} into {args.workdir}", flush=True)
-    uris = train(args.pipeline, args.workdir)
+    uris = train(args.pipeline, args.workdir, args.seeds)
     prompts, eos = rl_prompts(args.pipeline)
     prompts = prompts[: args.prompts]
     max_len = max(len(p) for p in prompts) + args.tokens + 8
-    results: dict = {"machine": machine(), "pipeline": str(args.pipeline), "checkpoints": uris}
+    results: dict = {"machine": machine(), "pipeline": str(args.pipeline), "checkpoints": uris, "seeds": args.seeds}
 
     print(f"\nacceptance length, greedy, batch 1, {len(prompts)} held-out RL prompts, <= {args.tokens} new tokens")
-    print(f"{'model':>12} {'k=1':>6} {'k=2':>6} {'k=3':>6} {'k=3 by position':>22} {'= greedy':>9}")
-    models = {label: load(uri) for label, uri in uris.items()}
-    for label, model in models.items():
-        r = acceptance(model, prompts, args.tokens, max_len, eos)
-        results[label] = r
+    print(f"{'model':>18} {'k=1':>6} {'k=2':>6} {'k=3':>6} {'k=3 by position':>22} {'= greedy':>9}")
+    runs = [("start", None, uris["start"])] + [(label, seed, uris[label][seed]) for label in ("rl_mtp_off", "rl_mtp_on")
+                                               for seed in args.seeds]
+    for label, seed, uri in runs:
+        r = acceptance(load(uri), prompts, args.tokens, max_len, eos)
+        results.setdefault(label, {})[seed if seed is not None else "start"] = r
         acc = r["acceptance_length"]
         pos = " ".join(f"{v:.2f}" for v in r["by_position_k3"].values())
-        print(f"{label:>12} {acc[1]:>6.2f} {acc[2]:>6.2f} {acc[3]:>6.2f} {pos:>22} {str(r['equals_plain_greedy']):>9}",
+        name = label if seed is None else f"{label} seed {seed}"
+        print(f"{name:>18} {acc[1]:>6.2f} {acc[2]:>6.2f} {acc[3]:>6.2f} {pos:>22} {str(r['equals_plain_greedy']):>9}",
               flush=True)
+    results["start"] = results["start"]["start"]
+    for label in ("rl_mtp_off", "rl_mtp_on"):  # medians over the RL seeds, [min..max]
+        per_k = {k: [results[label][seed]["acceptance_length"][k] for seed in args.seeds] for k in (1, 2, 3)}
+        results[label]["acceptance_length"] = {k: statistics.median(v) for k, v in per_k.items()}
+        results[label]["acceptance_spread"] = {k: [min(v), max(v)] for k, v in per_k.items()}
 
-    final = models["rl_mtp_on"]
+    final = load(uris["rl_mtp_on"][args.seeds[0]])
     context = max(len(p) for p in prompts) + args.tokens // 2
     split = cost_split(final, context)
     timing = speedup(final, prompts, args.tokens, max_len, eos, args.rounds)
@@ -277,16 +257,19 @@ def main() -> None:
     print(f"\n{'k':>2} {'accept len':>10} {'speedup (CPU time)':>24} {'speedup (wall)':>22}")
     for j in (1, 2, 3):
         t = timing[f"k{j}"]
-        acc = results["rl_mtp_on"]["acceptance_length"][j]
+        acc = results["rl_mtp_on"][args.seeds[0]]["acceptance_length"][j]
         print(f"{j:>2} {acc:>10.2f} {t['speedup_cpu']:>7.2f}x ({t['cpu_spread'][0]:.2f}..{t['cpu_spread'][1]:.2f})"
               f" {t['speedup_wall']:>9.2f}x ({t['wall_spread'][0]:.2f}..{t['wall_spread'][1]:.2f})")
-    acc3, sp3 = results["rl_mtp_on"]["acceptance_length"][3], timing["k3"]["speedup_cpu"]
+    acc3, sp3 = results["rl_mtp_on"][args.seeds[0]]["acceptance_length"][3], timing["k3"]["speedup_cpu"]
     results["predicted_k3_speedup_from_split"] = acc3 / step
     print(f"k=3 speedup predicted from the cost split: {acc3 / step:.2f}x; plain decoding "
           f"{timing['tokens_per_cpu_s_k0']:.1f} tokens per CPU second, {timing['tokens_per_s_k0']:.1f} per wall second")
-    off = results["rl_mtp_off"]["acceptance_length"][3]
-    print(f"\nMTP through RL: acceptance at k=3 {off:.2f} without rl.mtp.train, {acc3:.2f} with it "
-          f"(before RL: {results['start']['acceptance_length'][3]:.2f})")
+    before = results["start"]["acceptance_length"]
+    print(f"\nMTP through RL, acceptance length at k = 1 / 2 / 3, median [min..max] over RL seeds {args.seeds}; "
+          f"before RL {' / '.join(f'{before[k]:.2f}' for k in (1, 2, 3))}")
+    for label, what in (("rl_mtp_off", "rl.mtp.train false"), ("rl_mtp_on", "rl.mtp.train true")):
+        acc, spread = results[label]["acceptance_length"], results[label]["acceptance_spread"]
+        print(f"  {what:>18}: " + " / ".join(f"{acc[k]:.2f} [{spread[k][0]:.2f}..{spread[k][1]:.2f}]" for k in (1, 2, 3)))
     print(f"targets (issue 14, batch 1): acceptance >= 2.2 at k=3: {'met' if acc3 >= 2.2 else 'NOT met'}; speedup "
           f">= 1.9x: {'met' if sp3 >= 1.9 else 'NOT met'} ({sp3:.2f}x CPU time); total "
           f"{time.perf_counter() - began:.0f} s; machine at the end: {machine()}")

@@ -56,3 +56,47 @@ def test_two_processes_fsdp2_and_ep_match_one_process(tmp_path, monkeypatch):
     open_store(f"file://{tmp_path}/home1/store").load_checkpoint(single.checkpoint_uri, one)
     for k, v in model.state_dict().items():
         assert (v - one["model"][k]).abs().max() < 1e-4, k
+
+
+def _torchrun(tmp_path, name: str, spec: dict, home: Path) -> tuple[dict, list[dict]]:
+    import yaml
+
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "flashops.dev/v1alpha1", "kind": "TrainingRun",
+                                    "metadata": {"name": name}, "spec": spec}))
+    env = {**os.environ, "FLASHOPS_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    env.pop("FLASHOPS_LINEAGE_URL", None)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    logs = tmp_path / f"logs-{name}"
+    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "flashops.trainers", "--spec", str(path),
+                          "--log-dir", str(logs)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return (json.loads(out.stdout.strip().splitlines()[-1]),
+            [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()])
+
+
+@pytest.mark.slow
+def test_post_training_mtp_loss_under_fsdp2_matches_one_process(tmp_path, monkeypatch):
+    """dpo.mtp on in 2 processes (FSDP2): the DPO and MTP losses and the gradient norm equal one process's on the
+    same global batch; RL with rl.mtp (on by default) runs in 2 processes and reports a finite MTP loss."""
+    from flashops.trainers.runner import run_training
+
+    monkeypatch.setenv("FLASHOPS_HOME", str(tmp_path / "home1"))
+    base = run_training(parse_object({"apiVersion": "flashops.dev/v1alpha1", "kind": "TrainingRun",
+                                      "metadata": {"name": "mtp-base"}, "spec": dict(SPEC, training={
+                                          "steps": 1, "batchSize": 2, "seqLen": 32})}), None, False)
+    dpo = {"stage": "dpo", "initFrom": base.checkpoint_uri, "training": {"steps": 2, "batchSize": 2, "seqLen": 32},
+           "dpo": {"mtp": {"train": True}}}
+    single = run_training(parse_object({"apiVersion": "flashops.dev/v1alpha1", "kind": "TrainingRun",
+                                        "metadata": {"name": "dpo-one"}, "spec": dpo}), None, False)
+    _, rows = _torchrun(tmp_path, "dpo-two", dict(dpo, parallelism={"procsPerNode": 2}), tmp_path / "home2")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r1, r2 in zip(single.history, rows):
+        for key in ("loss", "mtp_loss"):
+            assert r2[key] == pytest.approx(r1[key], abs=1e-5), key
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+    rl = {"stage": "rl", "initFrom": base.checkpoint_uri, "training": {"steps": 1, "seqLen": 32},
+          "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4, "curriculum": {"profile": False}},
+          "parallelism": {"procsPerNode": 2}}
+    _, rows = _torchrun(tmp_path, "rl-two", rl, tmp_path / "home2")
+    assert rows[-1]["mtp_loss"] > 0 and rows[-1]["mtp_loss"] < 20

@@ -208,7 +208,7 @@ def test_rl_thinking_ratio_poses_that_share_of_each_steps_prompts_in_thinking_mo
 
 @pytest.mark.slow
 def test_post_training_trains_the_mtp_layer_only_where_its_mtp_setting_says(home, store, tiny_run):
-    """sft.mtp on by default, dpo.mtp and rl.mtp off: a stage with it off leaves the MTP layer's weights
+    """sft.mtp and rl.mtp on by default, dpo.mtp off: a stage with it off leaves the MTP layer's weights
     bit-identical to its start and reports no mtp_loss; with it on they move and the stage reports mtp_loss.
     Asking for it on a model without an MTP layer is refused before any step; SFT's default is not."""
     from flashops.serving.loading import load_checkpoint_model
@@ -232,10 +232,9 @@ def test_post_training_trains_the_mtp_layer_only_where_its_mtp_setting_says(home
         ("dpo", False): tiny_run("mtp-dpo-off", "dpo", initFrom=base.checkpoint_uri, training={"steps": 1}),
         ("dpo", True): tiny_run("mtp-dpo-on", "dpo", initFrom=base.checkpoint_uri, training={"steps": 1},
                                 dpo={"mtp": {"train": True, "weight": 0.5}}),
-        ("rl", False): tiny_run("mtp-rl-off", "rl", initFrom=base.checkpoint_uri, rl=rl,
+        ("rl", False): tiny_run("mtp-rl-off", "rl", initFrom=base.checkpoint_uri, rl={**rl, "mtp": {"train": False}},
                                 training={"steps": 1, "seqLen": 32}),
-        ("rl", True): tiny_run("mtp-rl-on", "rl", initFrom=base.checkpoint_uri, rl={**rl, "mtp": {"train": True}},
-                               training={"steps": 1, "seqLen": 32}),
+        ("rl", True): tiny_run("mtp-rl-on", "rl", initFrom=base.checkpoint_uri, rl=rl, training={"steps": 1, "seqLen": 32}),
     }
     for (stage, on), run in runs.items():
         result = run_training(run, store, False)
