@@ -245,13 +245,12 @@ class RLStage(Stage):
                     kl_sum += float(kl.detach()) * lp.shape[0] / n_global
                 frac = lp.shape[0] / n_global  # a share of the global batch; FSDP sums over ranks
                 total += float(loss.detach()) * frac
+                loss = loss * frac
                 if self.mtp_weight > 0:  # rl.mtp: the MTP layer learns the policy's own rollouts
                     mtp_sum = mtp_loss_sum(out, tokens[sl], mask[sl])
-                    loss = loss * frac + self.mtp_weight * mtp_sum / n_resp
+                    loss = loss + self.mtp_weight * mtp_sum / n_resp
                     mtp_total += float(mtp_sum.detach()) / n_resp
-                    tr.backward(loss)
-                else:
-                    tr.backward(loss * frac)
+                tr.backward(loss)
                 with torch.no_grad():
                     m = mask[sl].float()
                     ratio = torch.exp((lp - old[sl]) * m)

@@ -399,12 +399,12 @@ class DPOStage(Stage):
             loss, stats = dpo_loss(pc, pr, ref_c[sl], ref_r[sl], self.beta, self.nll_weight,
                                    cm[sl][:, 1:].sum(-1))
             frac = pc.shape[0] / n
-            if self.mtp_weight > 0:
+            step_loss = loss * frac
+            if self.mtp_weight > 0:  # dpo.mtp: the MTP layer learns the chosen answers
                 mtp_sum = mtp_loss_sum(out_c, ct[sl], cm[sl][:, 1:])
-                self.tr.backward(loss * frac + self.mtp_weight * mtp_sum / n_mtp)
+                step_loss = step_loss + self.mtp_weight * mtp_sum / n_mtp
                 totals["mtp_loss"] = totals.get("mtp_loss", 0.0) + float(mtp_sum.detach()) / float(n_mtp)
-            else:
-                self.tr.backward(loss * frac)
+            self.tr.backward(step_loss)
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * frac
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * frac
