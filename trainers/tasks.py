@@ -46,15 +46,23 @@ def _arithmetic(level: int, rng: random.Random) -> Task:
         a, b = rng.randint(10, 49), rng.randint(0, 9)
     else:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-    return Task("arithmetic", level, f"What is {a} + {b}?", str(a + b), f"{a} + {b} = {a + b}")
+    return Task("arithmetic", level, f"What is {a} + {b}?", str(a + b), column_sum(a, b))
+
+
+def column_sum(a: int, b: int) -> str:
+    """The sum worked digit by digit from the units, with the carry: '7+8=15, 4+3+1=8' for 47 + 38 (no spaces:
+    each costs a token, and a thinking answer has to fit the evaluation's maxTokens)."""
+    if a < 10 and b < 10:
+        return f"{a}+{b}={a + b}"
+    units = a % 10 + b % 10
+    carry = "+1" if units >= 10 else ""
+    return f"{a % 10}+{b % 10}={units}, {a // 10}+{b // 10}{carry}={a // 10 + b // 10 + units // 10}"
 
 
 def _sorting(level: int, rng: random.Random) -> Task:
     xs = [rng.randint(0, 9) for _ in range(level + 2)]
     s = sorted(xs)
-    steps = ", ".join(f"{x}" for x in s)
-    return Task("sorting", level, "Sort: " + " ".join(map(str, xs)), " ".join(map(str, s)),
-                f"in order: {steps}")
+    return Task("sorting", level, "Sort: " + " ".join(map(str, xs)), " ".join(map(str, s)), ",".join(map(str, s)))
 
 
 def _counting(level: int, rng: random.Random) -> Task:
@@ -67,7 +75,7 @@ def _counting(level: int, rng: random.Random) -> Task:
 
 def _string(level: int, rng: random.Random) -> Task:
     word = "".join(rng.choice(_WORD_LETTERS) for _ in range(level + 2))
-    return Task("string", level, f"Reverse: {word}", word[::-1], " ".join(reversed(word)))
+    return Task("string", level, f"Reverse: {word}", word[::-1], f"{' '.join(word)}; {' '.join(reversed(word))}")
 
 
 _MAKERS = {"arithmetic": _arithmetic, "sorting": _sorting, "counting": _counting, "string": _string}

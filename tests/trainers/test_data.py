@@ -124,6 +124,31 @@ def test_rewards_verify_every_domain():
     assert [x.question for x in eval_tasks(2, 0)] != [x.question for x in task_pool(2, 0)]  # another seed
 
 
+def test_worked_reasoning_computes_the_answer_and_fits_the_evaluation_budget():
+    """The thinking traces SFT teaches: the sum digit by digit with its carry, the word spelled before it is
+    reversed; every one (with </think>, the answer and <eos>) fits the quickstart eval's maxTokens of 24."""
+    import re
+
+    from flashops.model.tokenizer import TokenizerCodec
+    from flashops.trainers.tasks import column_sum
+
+    assert column_sum(47, 38) == "7+8=15, 4+3+1=8" and column_sum(41, 7) == "1+7=8, 4+0=4"
+    assert column_sum(3, 9) == "3+9=12"
+    assert make_task("string", 3, random.Random(0)).reasoning.count(";") == 1
+    codec, rng = TokenizerCodec(skip_special_tokens=False), random.Random(0)
+    for domain in DOMAINS:
+        for level in (1, 2, 3):
+            for _ in range(300):
+                t = make_task(domain, level, rng)
+                assert len(codec.encode(f"{t.reasoning}{END_THINK}{t.answer}")) + 1 <= 24, t
+                if domain == "arithmetic":  # the last step's sum, then the units of the first: the answer
+                    sums = [int(x) for x in re.findall(r"=(\d+)", t.reasoning)]
+                    assert int(t.answer) == (sums[0] if len(sums) == 1 else sums[1] * 10 + sums[0] % 10), t
+                if domain == "string":
+                    spelled, backwards = t.reasoning.split("; ")
+                    assert spelled.replace(" ", "") == t.question.split(": ")[1] and backwards.replace(" ", "") == t.answer
+
+
 def test_partial_credit_ranks_near_misses_below_exact_answers():
     add = Task("arithmetic", 3, "What is 40 + 17?", "57", "")
     sort = Task("sorting", 1, "Sort: 3 1 2", "1 2 3", "")
