@@ -12,9 +12,10 @@ What it does:
 2. Acceptance length at k = 1..3 on the held-out RL prompts (the ones the RL stage evaluates on), greedy,
    batch 1, through the serving engine, for the DPO model and every RL model, with the median and spread
    over seeds; the speculative output is checked token for token against plain greedy.
-3. Cost split at batch 1 (the first seed's rl.mtp.train model): one main decode step (1 token), one MTP draft call (1 pair) and one verify pass
-   (k+1 tokens), in ms, timed interleaved; and the speedup k=3 vs k=0, paired per round (median over
-   --rounds), next to what the cost split predicts: accept_len / ((verify + k x mtp) / main).
+3. Cost split at batch 1 (the first seed's rl.mtp.train model): one main decode step (1 token), one MTP
+   draft call (1 pair) and one verify pass (k+1 tokens), in ms, timed interleaved; and the speedup k=3 vs
+   k=0, paired per round (median over --rounds), next to what the cost split predicts:
+   accept_len / ((verify + k x mtp) / main).
 
 Timing runs on --threads 1 (serving_decode.py says why); the machine and its load are printed first.
 """
@@ -227,13 +228,15 @@ def main() -> None:
                                                for seed in args.seeds]
     for label, seed, uri in runs:
         r = acceptance(load(uri), prompts, args.tokens, max_len, eos)
-        results.setdefault(label, {})[seed if seed is not None else "start"] = r
+        if seed is None:
+            results[label] = r
+        else:
+            results.setdefault(label, {})[seed] = r
         acc = r["acceptance_length"]
         pos = " ".join(f"{v:.2f}" for v in r["by_position_k3"].values())
         name = label if seed is None else f"{label} seed {seed}"
         print(f"{name:>18} {acc[1]:>6.2f} {acc[2]:>6.2f} {acc[3]:>6.2f} {pos:>22} {str(r['equals_plain_greedy']):>9}",
               flush=True)
-    results["start"] = results["start"]["start"]
     for label in ("rl_mtp_off", "rl_mtp_on"):  # medians over the RL seeds, [min..max]
         per_k = {k: [results[label][seed]["acceptance_length"][k] for seed in args.seeds] for k in (1, 2, 3)}
         results[label]["acceptance_length"] = {k: statistics.median(v) for k, v in per_k.items()}

@@ -14,22 +14,27 @@ SPEC = {"stage": "pretrain", "training": {"steps": 2, "batchSize": 2, "seqLen": 
         "pretrain": {"mtpFromStep": 0}, "checkpoint": {"every": 1}}
 
 
-@pytest.mark.slow
-def test_two_processes_fsdp2_and_ep_match_one_process(tmp_path, monkeypatch):
+def _torchrun(tmp_path, name: str, spec: dict, home: Path) -> tuple[dict, list[dict]]:
     import yaml
 
-    spec = dict(SPEC, parallelism={"procsPerNode": 2, "ep": 2})
-    path = tmp_path / "spec.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"apiVersion": "flashops.dev/v1alpha1", "kind": "TrainingRun",
-                                    "metadata": {"name": "two-procs"}, "spec": spec}))
-    env = {**os.environ, "FLASHOPS_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+                                    "metadata": {"name": name}, "spec": spec}))
+    env = {**os.environ, "FLASHOPS_HOME": str(home), "OMP_NUM_THREADS": "1"}
     env.pop("FLASHOPS_LINEAGE_URL", None)
     torchrun = Path(sys.executable).parent / "torchrun"
+    logs = tmp_path / f"logs-{name}"
     out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "flashops.trainers", "--spec", str(path),
-                          "--log-dir", str(tmp_path / "logs")], env=env, capture_output=True, text=True, timeout=600)
+                          "--log-dir", str(logs)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return (json.loads(out.stdout.strip().splitlines()[-1]),
+            [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()])
+
+
+@pytest.mark.slow
+def test_two_processes_fsdp2_and_ep_match_one_process(tmp_path, monkeypatch):
+    summary, rows = _torchrun(tmp_path, "two-procs", dict(SPEC, parallelism={"procsPerNode": 2, "ep": 2}),
+                              tmp_path / "home")
     assert [r["step"] for r in rows] == [1, 2]
 
     from flashops.storage import open_store
@@ -56,23 +61,6 @@ def test_two_processes_fsdp2_and_ep_match_one_process(tmp_path, monkeypatch):
     open_store(f"file://{tmp_path}/home1/store").load_checkpoint(single.checkpoint_uri, one)
     for k, v in model.state_dict().items():
         assert (v - one["model"][k]).abs().max() < 1e-4, k
-
-
-def _torchrun(tmp_path, name: str, spec: dict, home: Path) -> tuple[dict, list[dict]]:
-    import yaml
-
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "flashops.dev/v1alpha1", "kind": "TrainingRun",
-                                    "metadata": {"name": name}, "spec": spec}))
-    env = {**os.environ, "FLASHOPS_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    env.pop("FLASHOPS_LINEAGE_URL", None)
-    torchrun = Path(sys.executable).parent / "torchrun"
-    logs = tmp_path / f"logs-{name}"
-    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "flashops.trainers", "--spec", str(path),
-                          "--log-dir", str(logs)], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return (json.loads(out.stdout.strip().splitlines()[-1]),
-            [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()])
 
 
 @pytest.mark.slow
