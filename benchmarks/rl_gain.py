@@ -12,8 +12,8 @@ What it does:
    the curriculum's draws and profile subset), each into its own run; finished runs are reused.
 3. Evaluates the DPO checkpoint and each RL checkpoint on builtin:rl-heldout (prompts no training stage ever
    samples) with the code `flashops eval` runs (flashops.cli.eval_commands.run_evaluation: greedy, through the
-   serving engine), at the pipeline's eval-stage maxTokens. The headline is non-thinking accuracy (the mode RL
-   trains in); thinking-mode accuracy is printed next to it. It also prints the RL stage's own before/after
+   serving engine), at the pipeline's eval-stage maxTokens. Both modes are printed (the quickstart's RL stage
+   trains both: rl.thinkingRatio 0.5). It also prints the RL stage's own before/after
    greedy accuracy on its own held-out prompts (trainers/rl.py: 47), a second, larger held-out sample.
 4. Evaluates the same checkpoints on a wider held-out suite, --wide-per-level prompts per domain and level from
    the same held-out split (8: 91 tasks, a superset of builtin:rl-heldout's 24), written to

@@ -15,7 +15,9 @@ token shards instead.
 Examples per stage (user rows must have these keys):
     pretrain  {"text": str}
     sft       {"messages": [{"role", "content", "reasoning"?}, ...], "thinking": bool?}
-    dpo       {"prompt": str | messages, "chosen": str, "rejected": str}
+    dpo       {"prompt": str | messages, "chosen": response, "rejected": response, "thinking": bool?}
+              a response is a str, an assistant message {"content", "reasoning"?}, or a list of messages
+              (TRL's conversational form); "thinking": true renders both with their reasoning
     rl        {"question": str, "answer": str, "domain": str?, "level": int?}
 """
 from __future__ import annotations
@@ -79,10 +81,29 @@ def sft_example(rng: random.Random, thinking_ratio: float = 0.5) -> dict:
     return {"messages": messages, "thinking": rng.random() < thinking_ratio}
 
 
-def dpo_example(rng: random.Random) -> dict:
+def dpo_example(rng: random.Random, thinking_ratio: float = 0.0) -> dict:
+    """A (right, wrong) answer pair. In thinking mode both carry the task's worked reasoning and differ only in
+    the answer after it: the DPO margin is on the answer tokens, and RPO's NLL term keeps the reasoning."""
     t = random_task(rng)
-    return {"prompt": [{"role": "user", "content": t.question}], "chosen": t.answer,
-            "rejected": wrong_answer(t, rng)}
+    wrong = wrong_answer(t, rng)
+    if thinking_ratio > 0 and rng.random() < thinking_ratio:
+        return {"prompt": [{"role": "user", "content": t.question}], "thinking": True,
+                "chosen": {"content": t.answer, "reasoning": t.reasoning},
+                "rejected": {"content": wrong, "reasoning": t.reasoning}}
+    return {"prompt": [{"role": "user", "content": t.question}], "chosen": t.answer, "rejected": wrong}
+
+
+def response_messages(response: Any, where: str) -> list[dict]:
+    """A DPO row's chosen or rejected side as assistant messages: a str (the answer), one message dict
+    ({"content", "reasoning"?}, the role defaulting to assistant) or a list of messages."""
+    if isinstance(response, str):
+        return [{"role": "assistant", "content": response}]
+    if isinstance(response, dict):
+        return [{"role": "assistant", **response}]
+    if isinstance(response, list) and response and all(isinstance(m, dict) for m in response):
+        return response
+    raise DataError(f"{where}: {type(response).__name__} {repr(response)[:60]} is not a response: use a string, "
+                    '{"content": ..., "reasoning": ...} or a list of {"role": "assistant", "content": ...} messages')
 
 
 class BuiltinDataset:
@@ -104,7 +125,7 @@ class BuiltinDataset:
             ratio = getattr(self.params, "thinking_ratio", 0.5)
             return sft_example(rng, ratio)
         if self.stage == "dpo":
-            return dpo_example(rng)
+            return dpo_example(rng, getattr(self.params, "thinking_ratio", 0.0))
         return self.pool[i].to_dict()
 
     @property
@@ -330,6 +351,9 @@ def check_row(row: dict, stage: str, where: str) -> None:
     if missing:
         raise DataError(f"{where}: missing key(s) {missing}; a {stage} row needs {list(REQUIRED_KEYS[stage])} "
                         f"(it has {sorted(row)[:8]}): rename the column(s) or fix the row")
+    if stage == "dpo":
+        for side in ("chosen", "rejected"):
+            response_messages(row[side], f"{where}: {side}")
 
 
 STREAM_BUFFER = 256 << 10  # bytes of read-ahead per row stream on S3 (a local file uses the OS page cache)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from flashops.model.tokenizer import TokenizerCodec
+from flashops.trainers.corpora import response_messages
 from flashops.trainers.losses import dpo_loss, masked_ce, token_logprobs
 
 IGNORE = 0  # mask value
@@ -334,7 +335,7 @@ def frozen_copy(model):
 
 
 class DPOStage(Stage):
-    """Pairs (prompt, chosen, rejected) in non-thinking chat form; the reference is a frozen copy of the
+    """Pairs (prompt, chosen, rejected) in chat form, thinking or not per pair; the reference is a frozen copy of the
     starting policy (or dpo.reference); loss -log sigmoid(beta x (policy - reference) margin), plus
     dpo.nllWeight x the chosen answers' per-token NLL (RPO) when set."""
 
@@ -357,10 +358,9 @@ class DPOStage(Stage):
     def encode_pair(self, ex: dict):
         prompt = ex["prompt"]
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        out = []
-        for answer in (ex["chosen"], ex["rejected"]):
-            out.append(self.codec.chat(messages + [{"role": "assistant", "content": str(answer)}], thinking=False))
-        return out
+        thinking = bool(ex.get("thinking", False))
+        return [self.codec.chat(messages + response_messages(ex[side], side), thinking)
+                for side in ("chosen", "rejected")]
 
     def batch(self):
         width = self.seq_len + 1

@@ -91,6 +91,41 @@ def test_builtin_corpora_are_deterministic_and_stage_checked():
         open_dataset("builtin:wikipedia", "pretrain")
 
 
+def test_dpo_pairs_in_thinking_mode_share_the_reasoning_and_differ_in_the_answer():
+    """dpo.thinkingRatio: that share of the builtin pairs is in thinking mode, where chosen and rejected carry the
+    same worked reasoning (learned, in the mask) and differ after </think>; user rows may give a response as an
+    assistant message; a response of another type is refused naming the row and the side."""
+    from types import SimpleNamespace
+
+    from flashops.api.spec import DPOParams
+    from flashops.model.tokenizer import TokenizerCodec
+    from flashops.trainers.corpora import check_row
+    from flashops.trainers.stages import DPOStage
+
+    codec = TokenizerCodec(skip_special_tokens=False)
+    stage = SimpleNamespace(codec=codec)
+    pairs = open_dataset("builtin:dpo-pairs", "dpo", 0, params=DPOParams(thinkingRatio=0.5))
+    rows = [pairs[i] for i in range(200)]
+    assert 70 < sum(bool(r.get("thinking")) for r in rows) < 130
+    assert not any(open_dataset("builtin:dpo-pairs", "dpo", 0, params=DPOParams(thinkingRatio=0))[i].get("thinking")
+                   for i in range(50))
+    for row in [r for r in rows if r.get("thinking")][:20]:
+        (c, cm), (r, rm) = DPOStage.encode_pair(stage, row)
+        learned_c = codec.decode([i for i, m in zip(c, cm) if m])
+        learned_r = codec.decode([i for i, m in zip(r, rm) if m])
+        reasoning = row["chosen"]["reasoning"]
+        assert learned_c == f"{reasoning}{END_THINK}{row['chosen']['content']}{EOS}"
+        assert learned_r == f"{reasoning}{END_THINK}{row['rejected']['content']}{EOS}"
+        assert codec.decode(c[: cm.index(1)]).endswith(f"{ASSISTANT}{THINK}")  # the thinking-mode prompt
+    plain = next(r for r in rows if not r.get("thinking"))
+    (c, cm), _ = DPOStage.encode_pair(stage, plain)
+    assert codec.decode([i for i, m in zip(c, cm) if m]) == f"{plain['chosen']}{EOS}"
+    check_row({"prompt": "p", "chosen": [{"role": "assistant", "content": "y"}], "rejected": {"content": "n"}},
+              "dpo", "row 1")
+    with pytest.raises(DataError, match=r"row 3: rejected: int 7 is not a response: use a string"):
+        check_row({"prompt": "p", "chosen": "y", "rejected": 7}, "dpo", "row 3")
+
+
 def test_user_data_jsonl_and_parquet(tmp_path):
     rows = [{"question": "2+2?", "answer": "4"}, {"question": "capital of France?", "answer": "Paris"}]
     p = tmp_path / "rl.jsonl"

@@ -250,8 +250,11 @@ def test_training_on_a_raw_prefix_resumes_exactly_after_a_crash(home, tiny_run, 
     assert 0 < sft.history[0]["packing_efficiency"] <= 1
     pairs = tmp_path / "pairs"
     pairs.mkdir()
-    (pairs / "p.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"{i}", "rejected": "no"}) + "\n"
-                                           for i in range(8)))
+    thinking_row = {"prompt": [{"role": "user", "content": "q"}], "thinking": True,  # responses as messages
+                    "chosen": {"content": "5", "reasoning": "2+3=5"}, "rejected": [{"role": "assistant",
+                                                                                  "content": "6", "reasoning": "2+3=5"}]}
+    (pairs / "p.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"{i}", "rejected": "no"}
+                                                      if i % 2 else thinking_row) + "\n" for i in range(8)))
     dpo = run_training(tiny_run("pref", "dpo", data={"uri": f"file://{pairs}/"}, initFrom=whole.checkpoint_uri,
                                 training={"steps": 1, "batchSize": 2, "seqLen": 32}), lineage=False)
     assert [r["step"] for r in dpo.history] == [1] and 0 < dpo.history[0]["loss"] < 10  # each rank: its pairs
