@@ -338,11 +338,11 @@ class DPOParams(Spec):
         "pairs costs what SFT taught (docs/evaluation.md). 0: plain DPO"))
     mtp: MTPTrainSpec = Field(default_factory=MTPTrainSpec, description=(
         "train the MTP layer on the chosen answers (off by default)"))
-    thinking_ratio: float = Field(0.5, ge=0, le=1, description=(
+    thinking_ratio: float = Field(0.0, ge=0, le=1, description=(
         "share of the builtin pairs (builtin:dpo-pairs) posed in thinking mode: chosen and rejected carry the "
-        "same worked reasoning and differ in the answer, as sft.thinkingRatio does for SFT. 0: non-thinking "
-        "pairs only, which cost thinking accuracy (docs/evaluation.md). User rows say it per row with "
-        "\"thinking\""))
+        "same worked reasoning and differ in the answer, as sft.thinkingRatio does for SFT. 0 (the default): "
+        "non-thinking pairs only; 0.5 measured no better on the quickstart (thinking 0.385 after DPO against "
+        "0.440, docs/evaluation.md). User rows say it per row with \"thinking\""))
 
 
 # FiberPO's default split of the trajectory budget delta = C+ + C-. The FiberPO paper recommends C- < C+
