@@ -94,10 +94,10 @@ def dpo_example(rng: random.Random, thinking_ratio: float = 0.0) -> dict:
 
 
 def response_messages(response: Any, where: str) -> list[dict]:
-    """A DPO row's chosen or rejected side as assistant messages: a str (the answer), one message dict
+    """A DPO row's chosen or rejected side as assistant messages: the answer (a str or number), one message dict
     ({"content", "reasoning"?}, the role defaulting to assistant) or a list of messages."""
-    if isinstance(response, str):
-        return [{"role": "assistant", "content": response}]
+    if isinstance(response, (str, int, float)) and not isinstance(response, bool):  # a numeric Parquet column too
+        return [{"role": "assistant", "content": str(response)}]
     if isinstance(response, dict):
         return [{"role": "assistant", **response}]
     if isinstance(response, list) and response and all(isinstance(m, dict) for m in response):

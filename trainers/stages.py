@@ -335,8 +335,8 @@ def frozen_copy(model):
 
 
 class DPOStage(Stage):
-    """Pairs (prompt, chosen, rejected) in chat form, thinking or not per pair; the reference is a frozen copy of the
-    starting policy (or dpo.reference); loss -log sigmoid(beta x (policy - reference) margin), plus
+    """Pairs (prompt, chosen, rejected) in chat form, thinking or not per pair; the reference is a frozen copy of
+    the starting policy (or dpo.reference); loss -log sigmoid(beta x (policy - reference) margin), plus
     dpo.nllWeight x the chosen answers' per-token NLL (RPO) when set."""
 
     name = "dpo"

@@ -122,8 +122,9 @@ def test_dpo_pairs_in_thinking_mode_share_the_reasoning_and_differ_in_the_answer
     assert codec.decode([i for i, m in zip(c, cm) if m]) == f"{plain['chosen']}{EOS}"
     check_row({"prompt": "p", "chosen": [{"role": "assistant", "content": "y"}], "rejected": {"content": "n"}},
               "dpo", "row 1")
-    with pytest.raises(DataError, match=r"row 3: rejected: int 7 is not a response: use a string"):
-        check_row({"prompt": "p", "chosen": "y", "rejected": 7}, "dpo", "row 3")
+    check_row({"prompt": "What is 2 + 3?", "chosen": 5, "rejected": 6.0}, "dpo", "row 2")  # numeric columns
+    with pytest.raises(DataError, match=r"row 3: rejected: NoneType None is not a response: use a string"):
+        check_row({"prompt": "p", "chosen": "y", "rejected": None}, "dpo", "row 3")
 
 
 def test_user_data_jsonl_and_parquet(tmp_path):
