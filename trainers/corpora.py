@@ -47,6 +47,7 @@ assert DEFAULT_DATA == {stage: f"builtin:{name}" for name, stage in BUILTIN.item
 REQUIRED_KEYS = {"pretrain": ("text",), "sft": ("messages",), "dpo": ("prompt", "chosen", "rejected"),
                  "rl": ("question", "answer")}
 RL_POOL_PER_LEVEL = 24  # builtin RL pool: 4 domains x 3 levels x 24 = 288 prompts
+BUILTIN_PARAMS = {"sft": S.SFTParams, "dpo": S.DPOParams}  # the knobs of those corpora; defaults live in the spec
 
 
 def _rng(seed: int, index: int, salt: str) -> random.Random:
@@ -86,11 +87,10 @@ def dpo_example(rng: random.Random, thinking_ratio: float = 0.0) -> dict:
     the answer after it: the DPO margin is on the answer tokens, and RPO's NLL term keeps the reasoning."""
     t = random_task(rng)
     wrong = wrong_answer(t, rng)
+    prompt, answer = task_messages(t)
     if thinking_ratio > 0 and rng.random() < thinking_ratio:
-        return {"prompt": [{"role": "user", "content": t.question}], "thinking": True,
-                "chosen": {"content": t.answer, "reasoning": t.reasoning},
-                "rejected": {"content": wrong, "reasoning": t.reasoning}}
-    return {"prompt": [{"role": "user", "content": t.question}], "chosen": t.answer, "rejected": wrong}
+        return {"prompt": [prompt], "thinking": True, "chosen": answer, "rejected": {**answer, "content": wrong}}
+    return {"prompt": [prompt], "chosen": t.answer, "rejected": wrong}
 
 
 def response_messages(response: Any, where: str) -> list[dict]:
@@ -110,8 +110,11 @@ class BuiltinDataset:
     """An endless, seeded corpus: item i is generated from (seed, i)."""
 
     def __init__(self, name: str, seed: int, params: Any = None):
-        self.name, self.seed, self.params = name, seed, params
+        self.name, self.seed = name, seed
         self.stage = BUILTIN[name]
+        if params is None and self.stage in BUILTIN_PARAMS:
+            params = BUILTIN_PARAMS[self.stage]()
+        self.params = params
         self.pool = task_pool(RL_POOL_PER_LEVEL, seed) if self.stage == "rl" else None
 
     def __len__(self) -> int:
@@ -122,10 +125,9 @@ class BuiltinDataset:
         if self.stage == "pretrain":
             return {"text": pretrain_document(rng)}
         if self.stage == "sft":
-            ratio = getattr(self.params, "thinking_ratio", 0.5)
-            return sft_example(rng, ratio)
+            return sft_example(rng, self.params.thinking_ratio)
         if self.stage == "dpo":
-            return dpo_example(rng, getattr(self.params, "thinking_ratio", 0.0))
+            return dpo_example(rng, self.params.thinking_ratio)
         return self.pool[i].to_dict()
 
     @property
