@@ -411,7 +411,9 @@ class RLParams(Spec):
     updates_per_batch: int = Field(2, ge=1, description=(
         "policy updates per rollout batch; > 1 makes later updates off-policy, where the losses differ"))
     max_new_tokens: int = Field(16, ge=1, description="rollout length cap (the builtin tasks' answers are short)")
-    temperature: float = Field(1.0, gt=0, description="rollout sampling temperature (1.0: sample the policy itself)")
+    temperature: float = Field(1.0, gt=0, description="rollout sampling temperature (1.0: sample the policy itself); "
+                               "the update's log-probs are of softmax(logits / temperature), the distribution the "
+                               "rollouts were drawn from, as verl's actor computes them (logits.div_(temperature))")
     thinking_ratio: float = Field(0.0, ge=0, le=1, description=(
         "share of each step's prompts posed in thinking mode (the policy reasons inside <think> before it "
         "answers; the reward reads the answer after </think>), as sft.thinkingRatio does for SFT. 0: "

@@ -8,7 +8,8 @@ a held-out set of RL prompts (greedy and sampled), which `flashops run` prints s
 
 The curriculum as published (rl.curriculum): before the first step the starting policy answers each pool
 prompt profileRollouts times (batched, with a progress bar); prompts it always solves are dropped (with
-dropUnsolved, also those it never solves) and the rest start at their profiled pass rate. The profile is in
+dropUnsolved, also those it never solves) and the rest start at their profiled pass rate. A prompt's rollouts are
+posed in thinking mode in the share the steps pose it (rl.thinkingRatio). The profile is in
 the checkpointed stage state: a resumed run does not profile again.
 
     from flashops.trainers.rl import generate, evaluate
@@ -174,11 +175,14 @@ class RLStage(Stage):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)  # not any step's rollout seed
         rates: list[float] = []
         k = c.profile_rollouts
+        modes = [j < round(p.thinking_ratio * k) for j in range(k)]
         self.tr.progress("profiling", 0, len(idx))
         for start in range(0, len(idx), PROFILE_CHUNK):
             tasks = [self.pool[i] for i in idx[start:start + PROFILE_CHUNK]]
-            prompts = task_prompts(self.codec, tasks)
-            completions = generate(self.tr.model, prompts, k, p.max_new_tokens, p.temperature, g, self.codec.eos,
+            # each prompt's k rollouts in the modes the steps pose it in (rl.thinkingRatio of them thinking), so
+            # its profiled pass rate is the one the online updates go on to average
+            prompts = task_prompts(self.codec, [t for t in tasks for _ in range(k)], modes * len(tasks))
+            completions = generate(self.tr.model, prompts, 1, p.max_new_tokens, p.temperature, g, self.codec.eos,
                                    self.codec.pad, stop_early=self.tr.dist.world_size == 1)
             for j, t in enumerate(tasks):
                 rates.append(sum(correct(t, self.codec.decode(c_)) for c_ in completions[j * k:(j + 1) * k]) / k)
@@ -221,8 +225,11 @@ class RLStage(Stage):
         n = tokens.shape[0]
         micro = tr.spec.training.micro_batch_size or n
         with torch.no_grad():
-            old = torch.cat([policy_forward(tr.model, tokens[sl])[0] for sl in split_micro(n, micro)])
-            ref = (torch.cat([policy_forward(self.reference, tokens[sl])[0] for sl in split_micro(n, micro)])
+            # every log-prob is of the distribution the rollouts were drawn from: softmax(logits / temperature)
+            old = torch.cat([policy_forward(tr.model, tokens[sl], temperature=p.temperature)[0]
+                             for sl in split_micro(n, micro)])
+            ref = (torch.cat([policy_forward(self.reference, tokens[sl], temperature=p.temperature)[0]
+                              for sl in split_micro(n, micro)])
                    if self.reference is not None else None)
         _reset_expert_counts(tr.model)
         # every rank sampled the same rollouts (same seed); each trains on its share of them
@@ -236,8 +243,8 @@ class RLStage(Stage):
             total, mtp_total = 0.0, 0.0
             r_sum, r_max, ent_sum, kl_sum, drift_sum = 0.0, 0.0, 0.0, 0.0, 0.0
             for sl in split_micro(n, micro):
-                lp, out = policy_forward(tr.model, tokens[sl], mtp=self.mtp_weight > 0)
-                logits = out.logits
+                lp, out = policy_forward(tr.model, tokens[sl], mtp=self.mtp_weight > 0, temperature=p.temperature)
+                logits = out.logits.float() / p.temperature
                 loss, st = self.loss_fn(lp, old[sl], adv_tok[sl], mask[sl], **p.policy_loss_kwargs())
                 if ref is not None:
                     kl = kl_penalty(lp, ref[sl], mask[sl])
@@ -257,7 +264,7 @@ class RLStage(Stage):
                     r_sum += float((ratio * m).sum())
                     drift_sum += float(((lp - old[sl]).abs() * m).sum())  # mean |log r|: the ratio's drift
                     r_max = max(r_max, float((ratio * m).max()))
-                    logp = torch.log_softmax(logits.float(), -1)
+                    logp = torch.log_softmax(logits, -1)  # the rollout distribution's entropy
                     ent = -(logp.exp() * logp).sum(-1)
                     ent_sum += float((ent * m).sum())
             stats = tr.optimizer_step()

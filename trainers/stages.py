@@ -304,12 +304,16 @@ def mtp_loss_weight(tr, setting) -> float:
     return setting.weight if setting.train and tr.model.mtp is not None else 0.0
 
 
-def policy_forward(model, tokens: torch.Tensor, mtp: bool = False):
+def policy_forward(model, tokens: torch.Tensor, mtp: bool = False, temperature: float = 1.0):
     """One forward over rows tokens (B, L+1): (log p of each target (B, L), the model's output). With mtp the
     output has MTP logits too, computed from the trunk's hidden states taken as constants: in post-training
-    the MTP loss trains the MTP layer, not the policy's trunk (model.forward's mtp_trunk_grad)."""
+    the MTP loss trains the MTP layer, not the policy's trunk (model.forward's mtp_trunk_grad).
+
+    temperature: the log-probs are those of softmax(logits / temperature), the distribution RL rollouts are
+    drawn from (model.sampling.token_probs); at 1 that is the model's own. The output keeps the raw logits."""
     out = model(tokens[:, :-1], mtp=mtp, mtp_trunk_grad=False)
-    return token_logprobs(out.logits, tokens[:, 1:]), out
+    logits = out.logits if temperature == 1.0 else out.logits.float() / temperature
+    return token_logprobs(logits, tokens[:, 1:]), out
 
 
 def mtp_loss_sum(out, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -179,31 +179,61 @@ def test_rl_profile_with_drop_unsolved_trains_on_the_prompts_the_policy_sometime
 def test_rl_thinking_ratio_poses_that_share_of_each_steps_prompts_in_thinking_mode(home, store, tiny_run,
                                                                                     monkeypatch):
     """rl.thinkingRatio 0.5 with 4 prompts a step: 2 of them open <think> for the policy to reason in (the other
-    2 close it at once), a seeded choice that differs between steps; each mode's solved share is reported."""
+    2 close it at once), a seeded choice that differs between steps; each mode's solved share is reported. The
+    curriculum's profile poses half of each prompt's rollouts in thinking mode."""
     import flashops.trainers.rl as rl_module
     from flashops.model.tokenizer import END_THINK, THINK, TokenizerCodec
 
     codec = TokenizerCodec()
     think, end_think = codec.encode(THINK), codec.encode(END_THINK)
     posed: list[list[bool]] = []
+    profiled: list[list[bool]] = []
     real_generate = rl_module.generate
 
-    def recording_generate(model, prompts, n, *args, **kwargs):
-        if n == 2:  # a training step's rollouts (groupSize 2); evaluation samples 4 or 1
-            posed.append([p[-len(think):] == think for p in prompts])
-            assert all(p[-len(think):] == think or p[-len(end_think):] == end_think for p in prompts)
-        return real_generate(model, prompts, n, *args, **kwargs)
+    def recording_generate(model, prompts, n, max_new, temperature, *args, **kwargs):
+        modes = [p[-len(think):] == think for p in prompts]
+        assert all(p[-len(think):] == think or p[-len(end_think):] == end_think for p in prompts)
+        if n == 2:  # a training step's rollouts (groupSize 2); evaluation samples 4 or 1 (greedy)
+            posed.append(modes)
+        elif n == 1 and temperature > 0:  # the curriculum's profiling: one row per rollout
+            profiled.append(modes)
+        return real_generate(model, prompts, n, max_new, temperature, *args, **kwargs)
 
     monkeypatch.setattr(rl_module, "generate", recording_generate)
-    rl = {"groupSize": 2, "promptsPerStep": 4, "maxNewTokens": 3, "thinkingRatio": 0.5, "curriculum": {"profile": False}}
+    rl = {"groupSize": 2, "promptsPerStep": 4, "maxNewTokens": 3, "thinkingRatio": 0.5,
+          "curriculum": {"profileRollouts": 2, "profileMaxPrompts": 4, "dropSolved": False}}
     base = run_training(tiny_run("rl-th-base", "pretrain", training={"steps": 1}), store, False)
     run = run_training(tiny_run("rl-th", "rl", initFrom=base.checkpoint_uri, rl=rl,
                                 training={"steps": 3, "seqLen": 32}), store, False)
+    # profiling poses each prompt's 2 rollouts in both modes, as the steps will: its pass rate is the mixture's
+    assert profiled == [[True, False] * 4]
     assert len(posed) == 3 and all(sum(step) == 2 for step in posed)
     assert len({tuple(step) for step in posed}) > 1  # not the same two slots every step
     assert all(0 <= row[f"solved_{m}"] <= 1 for row in run.history for m in ("thinking", "non_thinking"))
     assert rl_module.thinking_modes(4, 0.5, 0, 1) == rl_module.thinking_modes(4, 0.5, 0, 1)  # a rerun poses the same
     assert rl_module.thinking_modes(8, 0.0, 0, 1) == [False] * 8 and rl_module.thinking_modes(8, 1.0, 0, 1) == [True] * 8
+
+
+def test_rl_log_probs_are_of_the_distribution_the_rollouts_are_drawn_from():
+    """At rl.temperature T the rollouts are drawn from softmax(logits / T) (model.sampling.token_probs), so the
+    update's log-probs must be of that distribution, not of the model's own: else on-policy importance ratios
+    and the policy gradient are those of another policy."""
+    from flashops.model import JoyAIFlash, get_config
+    from flashops.model.sampling import token_probs
+    from flashops.trainers.stages import policy_forward
+
+    torch.manual_seed(0)
+    model = JoyAIFlash(get_config("joyai-flash-debug"))
+    tokens = torch.randint(3, 200, (2, 9))
+    with torch.no_grad():
+        logits = model(tokens[:, :-1]).logits
+        for t in (1.0, 0.5, 1.7):
+            lp, out = policy_forward(model, tokens, temperature=t)
+            drawn_from = token_probs(logits, t).gather(-1, tokens[:, 1:, None]).squeeze(-1).log()
+            assert torch.allclose(lp, drawn_from, atol=1e-5), t
+            assert torch.equal(out.logits, logits)  # the output keeps the model's own logits
+        assert not torch.allclose(policy_forward(model, tokens, temperature=0.5)[0],
+                                  policy_forward(model, tokens)[0], atol=1e-3)
 
 
 @pytest.mark.slow
