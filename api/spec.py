@@ -423,6 +423,11 @@ class RLParams(Spec):
         "JoyAI-LLM Flash's difficulty curriculum, as published: profile, drop solved prompts, then sample by "
         "pass rate. The old boolean form (curriculum: true / false) is read as {enabled: true / false}"))
     kl_coef: float = Field(0.0, ge=0, description="k3 KL penalty to the starting policy; 0 (off) as in DAPO / FiberPO")
+    nll_weight: float = Field(0.0, ge=0, description=(
+        "weight of the per-token NLL of each step's prompts' reference answers (a task's answer, with its worked "
+        "reasoning in thinking mode) added to the policy loss: InstructGPT's PPO-ptx mixes a supervised loss into "
+        "RL the same way (arXiv 2203.02155), and dpo.nllWeight is RPO's. It holds the policy to what SFT taught "
+        "while the reward moves it. 0: the policy loss alone"))
     partial_credit: float = Field(0.0, ge=0, lt=1, description=(
         "reward for a wrong answer: partialCredit x how near it is (numbers 1 / (1 + |error|), lists and words "
         "the share of matching positions); an exact answer gets 1. 0: the binary verifiable reward of the "

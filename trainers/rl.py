@@ -24,7 +24,7 @@ import time
 import torch
 
 from flashops.model.sampling import sample_tokens
-from flashops.trainers.corpora import BuiltinDataset, eval_tasks, row_task
+from flashops.trainers.corpora import BuiltinDataset, eval_tasks, row_task, task_messages
 from flashops.trainers.curriculum import CurriculumSampler, solved_and_unsolved, target_pass_rate
 from flashops.trainers.losses import POLICY_LOSSES, group_advantages, kl_penalty
 from flashops.trainers.stages import (Stage, _to_tensor, frozen_copy, mtp_loss_sum, mtp_loss_weight, policy_forward,
@@ -237,6 +237,7 @@ class RLStage(Stage):
         tokens, mask, adv_tok, old = (t[rank::world] for t in (tokens, mask, adv_tok, old))
         ref = ref[rank::world] if ref is not None else None
         n_global, n = n, tokens.shape[0]
+        gold = self.reference_answers(tasks, thinking) if p.nll_weight > 0 else None
         losses, ratio_mean, ratio_max, entropy, kls, drift, mtp_loss = [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
         n_resp = max(tr.all_sum(float(mask.sum())), 1.0)  # response tokens of the global batch
         for _ in range(p.updates_per_batch):
@@ -267,6 +268,12 @@ class RLStage(Stage):
                     logp = torch.log_softmax(logits, -1)  # the rollout distribution's entropy
                     ent = -(logp.exp() * logp).sum(-1)
                     ent_sum += float((ent * m).sum())
+            if gold is not None:  # rl.nllWeight: every rank takes the whole (small) batch, its gradient 1/world
+                g_tokens, g_mask, g_count = gold
+                lp, _ = policy_forward(tr.model, g_tokens)
+                nll = -(lp * g_mask).sum() / g_count
+                tr.backward(p.nll_weight * nll / world)
+                nll_total = float(nll.detach())
             stats = tr.optimizer_step()
             losses.append(tr.all_sum(total))
             mtp_loss = tr.all_sum(mtp_total)
@@ -286,9 +293,20 @@ class RLStage(Stage):
             stats["kl"] = kls
         if self.mtp_weight > 0:
             stats["mtp_loss"] = mtp_loss
+        if gold is not None:
+            stats["reference_nll"] = nll_total
         stats.update(self.profile_stats)  # once: the row of the first step after profiling
         self.profile_stats = {}
         return stats
+
+    def reference_answers(self, tasks: list[Task], thinking: list[bool]):
+        """(tokens, target mask, target count) of the step's prompts with their reference answers, each in the
+        mode the step poses it: in thinking mode the task's worked reasoning, then the answer."""
+        chats = [self.codec.chat(task_messages(t), th) for t, th in zip(tasks, thinking)]
+        width = max(len(ids) for ids, _ in chats)
+        tokens = _to_tensor([ids for ids, _ in chats], width, self.codec.pad)
+        mask = _to_tensor([m for _, m in chats], width, 0)[:, 1:].float()
+        return tokens, mask, mask.sum().clamp(min=1)
 
     def on_end(self) -> dict:
         after = evaluate(self.tr.model, self.eval_set, self.codec, self.p.max_new_tokens,

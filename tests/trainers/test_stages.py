@@ -210,8 +210,39 @@ def test_rl_thinking_ratio_poses_that_share_of_each_steps_prompts_in_thinking_mo
     assert len(posed) == 3 and all(sum(step) == 2 for step in posed)
     assert len({tuple(step) for step in posed}) > 1  # not the same two slots every step
     assert all(0 <= row[f"solved_{m}"] <= 1 for row in run.history for m in ("thinking", "non_thinking"))
+    assert "reference_nll" not in run.history[0]  # rl.nllWeight 0: no reference answers are trained
     assert rl_module.thinking_modes(4, 0.5, 0, 1) == rl_module.thinking_modes(4, 0.5, 0, 1)  # a rerun poses the same
     assert rl_module.thinking_modes(8, 0.0, 0, 1) == [False] * 8 and rl_module.thinking_modes(8, 1.0, 0, 1) == [True] * 8
+
+
+@pytest.mark.slow
+def test_rl_nll_weight_trains_the_reference_answers_in_the_mode_each_prompt_is_posed(home, store, tiny_run,
+                                                                                      monkeypatch):
+    """rl.nllWeight adds the NLL of the step's prompts' reference answers (the worked reasoning, then the answer,
+    in thinking mode; the answer alone otherwise) to the policy loss. From a start that answers nothing every
+    reward is 0, so the policy gradient is 0 and that NLL is all that trains: it falls step by step."""
+    import flashops.trainers.rl as rl_module
+
+    rendered = []
+    real = rl_module.RLStage.reference_answers
+
+    def recording(self, tasks, thinking):
+        tokens, mask, count = real(self, tasks, thinking)
+        rendered.append([(t, th, self.codec.decode([i for i, m in zip(row[1:].tolist(), mrow.tolist()) if m]))
+                         for t, th, row, mrow in zip(tasks, thinking, tokens, mask)])
+        return tokens, mask, count
+
+    monkeypatch.setattr(rl_module.RLStage, "reference_answers", recording)
+    rl = {"groupSize": 2, "promptsPerStep": 4, "maxNewTokens": 2, "thinkingRatio": 0.5, "nllWeight": 1.0,
+          "curriculum": {"profile": False}}
+    base = run_training(tiny_run("nll-base", "pretrain", training={"steps": 1}), store, False)
+    run = run_training(tiny_run("nll-rl", "rl", initFrom=base.checkpoint_uri, rl=rl, optimizer={"lr": 3e-3},
+                                training={"steps": 4, "seqLen": 48}), store, False)
+    assert all(row["reward"] == 0 for row in run.history)
+    nll = [row["reference_nll"] for row in run.history]
+    assert nll[-1] < 0.8 * nll[0], nll
+    for task, thinking, target in rendered[0]:
+        assert target == (f"{task.reasoning}</think>{task.answer}<eos>" if thinking else f"{task.answer}<eos>")
 
 
 def test_rl_log_probs_are_of_the_distribution_the_rollouts_are_drawn_from():
