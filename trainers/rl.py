@@ -1,5 +1,6 @@
 """The rl stage: rollouts with a KV cache, verifiable rewards, group-relative advantages, several policy
-updates per rollout batch (FiberPO, GRPO or GSPO), the difficulty curriculum, optional KL to a reference.
+updates per rollout batch (FiberPO, GRPO or GSPO), the difficulty curriculum, optional KL to a reference and
+an optional supervised term on the prompts' reference answers (rl.nllWeight, PPO-ptx's).
 
 One training step = one rollout batch (promptsPerStep prompts x groupSize samples) followed by
 updatesPerBatch optimizer steps on it. The first update is on-policy; the later ones are where the
@@ -268,12 +269,14 @@ class RLStage(Stage):
                     logp = torch.log_softmax(logits, -1)  # the rollout distribution's entropy
                     ent = -(logp.exp() * logp).sum(-1)
                     ent_sum += float((ent * m).sum())
-            if gold is not None:  # rl.nllWeight: every rank takes the whole (small) batch, its gradient 1/world
+            if gold is not None:  # rl.nllWeight: every rank takes the whole batch (one row a prompt) at 1/world
                 g_tokens, g_mask, g_count = gold
-                lp, _ = policy_forward(tr.model, g_tokens)
-                nll = -(lp * g_mask).sum() / g_count
-                tr.backward(p.nll_weight * nll / world)
-                nll_total = float(nll.detach())
+                nll_total = 0.0
+                for sl in split_micro(g_tokens.shape[0], micro):
+                    lp, _ = policy_forward(tr.model, g_tokens[sl])
+                    nll = -(lp * g_mask[sl]).sum() / g_count
+                    tr.backward(p.nll_weight * nll / world)
+                    nll_total += float(nll.detach())
             stats = tr.optimizer_step()
             losses.append(tr.all_sum(total))
             mtp_loss = tr.all_sum(mtp_total)
@@ -303,7 +306,7 @@ class RLStage(Stage):
         """(tokens, target mask, target count) of the step's prompts with their reference answers, each in the
         mode the step poses it: in thinking mode the task's worked reasoning, then the answer."""
         chats = [self.codec.chat(task_messages(t), th) for t, th in zip(tasks, thinking)]
-        width = max(len(ids) for ids, _ in chats)
+        width = min(max(len(ids) for ids, _ in chats), self.seq_len + 1)
         tokens = _to_tensor([ids for ids, _ in chats], width, self.codec.pad)
         mask = _to_tensor([m for _, m in chats], width, 0)[:, 1:].float()
         return tokens, mask, mask.sum().clamp(min=1)
