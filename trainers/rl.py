@@ -304,11 +304,14 @@ class RLStage(Stage):
 
     def reference_answers(self, tasks: list[Task], thinking: list[bool]):
         """(tokens, target mask, target count) of the step's prompts with their reference answers, each in the
-        mode the step poses it: in thinking mode the task's worked reasoning, then the answer."""
+        mode the step poses it: in thinking mode the task's worked reasoning, then the answer. A task without
+        reasoning (a user row may have none) has no thinking-mode reference: an empty one would teach skipping it."""
         chats = [self.codec.chat(task_messages(t), th) for t, th in zip(tasks, thinking)]
         width = min(max(len(ids) for ids, _ in chats), self.seq_len + 1)
         tokens = _to_tensor([ids for ids, _ in chats], width, self.codec.pad)
-        mask = _to_tensor([m for _, m in chats], width, 0)[:, 1:].float()
+        has_reference = [not th or bool(t.reasoning.strip()) for t, th in zip(tasks, thinking)]
+        mask = _to_tensor([m if ok else [0] * len(m) for (_, m), ok in zip(chats, has_reference)], width, 0)
+        mask = mask[:, 1:].float()
         return tokens, mask, mask.sum().clamp(min=1)
 
     def on_end(self) -> dict:

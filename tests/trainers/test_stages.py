@@ -245,6 +245,25 @@ def test_rl_nll_weight_trains_the_reference_answers_in_the_mode_each_prompt_is_p
         assert target == (f"{task.reasoning}</think>{task.answer}<eos>" if thinking else f"{task.answer}<eos>")
 
 
+def test_rl_reference_answers_skip_a_thinking_reference_without_reasoning():
+    """rl.nllWeight's reference of a user row without reasoning: its answer in non-thinking mode, nothing in
+    thinking mode (an empty <think></think> would teach the policy to skip the reasoning it is asked for)."""
+    from types import SimpleNamespace
+
+    from flashops.model.tokenizer import TokenizerCodec
+    from flashops.trainers.rl import RLStage
+    from flashops.trainers.tasks import Task
+
+    codec = TokenizerCodec(skip_special_tokens=False)
+    worked = Task("arithmetic", 3, "What is 27 + 82?", "109", "7+2=9, 2+8=10")
+    bare = Task("custom", 1, "Capital of France?", "Paris", "")
+    stage = SimpleNamespace(codec=codec, seq_len=64)
+    tokens, mask, count = RLStage.reference_answers(stage, [worked, bare, bare], [True, True, False])
+    targets = [codec.decode([i for i, m in zip(row[1:].tolist(), mrow.tolist()) if m]) for row, mrow in zip(tokens, mask)]
+    assert targets == ["7+2=9, 2+8=10</think>109<eos>", "", "Paris<eos>"]
+    assert count == mask.sum()
+
+
 def test_rl_log_probs_are_of_the_distribution_the_rollouts_are_drawn_from():
     """At rl.temperature T the rollouts are drawn from softmax(logits / T) (model.sampling.token_probs), so the
     update's log-probs must be of that distribution, not of the model's own: else on-policy importance ratios
