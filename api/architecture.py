@@ -177,7 +177,7 @@ PRESETS: dict[str, JoyAIConfig] = {
 MODEL_PRESETS = tuple(PRESETS)
 # The committed tokenizer's size (model/assets/tokenizer.json; tests/model pins the two together), so a spec's
 # vocab_size is checked without loading it.
-TOKENIZER_VOCAB_SIZE = 289
+TOKENIZER_VOCAB_SIZE = 2048
 FIELDS = tuple(f.name for f in dataclasses.fields(JoyAIConfig))
 
 

@@ -7,9 +7,8 @@
     codec = TokenizerCodec()                                 # the codec training and serving both use
     ids, mask = codec.chat(messages, thinking=True)          # ids + loss mask on the assistant's output
 
-The tokenizer is a byte-level BPE (every string encodes; digits and letters are split one per token,
-a letter keeping the space before it, so numbers and letter strings stay learnable by a tiny model: its
-merges are then only such pairs and punctuation, 289 tokens) with a vocabulary of at most 4096, trained on flashops' builtin corpora
+The tokenizer is a byte-level BPE (every string encodes; digits are split one per token so numbers
+stay learnable by a tiny model) with a vocabulary of at most 4096, trained on flashops' builtin corpora
 by `python -m flashops.trainers.build_tokenizer` and committed. Ids 0/1/2 are <bos>/<eos>/<pad>, as in
 the model config (bos_id 0, eos_id 1).
 
@@ -138,7 +137,7 @@ class TokenizerCodec:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
     """A byte-level BPE trained on `texts`: <bos>/<eos>/<pad> at ids 0/1/2, chat markers as whole tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if not 256 + len(SPECIAL_TOKENS) + len(CHAT_TOKENS) < vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocab_size={vocab_size}: use a value in (265, {MAX_VOCAB}] (bytes + special tokens "
@@ -146,10 +145,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
-        # every letter its own token (with the space before it), as every digit is: BPE trained on the
-        # task corpora otherwise merges their letter strings into ~1,700 chunks ("Ġabca", "cbca"), and
-        # counting or reversing letters would mean memorising the letters of each chunk
-        pre_tokenizers.Split(Regex(r" ?\p{L}"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()

@@ -96,7 +96,7 @@ def test_an_unknown_name_is_refused_everywhere_with_a_hint_that_is_accepted(tmp_
     ({"topK": 20}, "spec.model.overrides.topK: 20: top_k cannot exceed num_experts (8)"),
     ({"numMtpLayers": 0}, "spec.pretrain.mtpWeight: 0.1: the model has no MTP layer"),
     ({"maxSeqLen": 16}, "spec.training.seqLen: 32: longer than the model's max_seq_len 16"),
-    ({"vocab_size": 256}, "spec.model.overrides.vocab_size: 256: the tokenizer has 289 tokens; use vocab_size >= 289"),
+    ({"vocab_size": 512}, "spec.model.overrides.vocab_size: 512: the tokenizer has 2048 tokens; use vocab_size >= 2048"),
 ])
 def test_a_combination_the_model_refuses_is_refused_by_all_three(tmp_path, overrides, line):
     code, output = _validate(tmp_path, overrides)

@@ -340,7 +340,7 @@ def test_resume_refuses_a_changed_spec(home, store, tiny_run):
 
 @pytest.mark.parametrize("spec,error,match", [
     ({"training": {"seqLen": 4096}}, SpecValueError, "training.seqLen"),
-    ({"model": {"overrides": {"vocabSize": 256}}}, SpecValueError, "vocabSize"),
+    ({"model": {"overrides": {"vocabSize": 512}}}, SpecValueError, "vocabSize"),
     ({"model": {"overrides": {"topK": 16}}}, SpecValueError, "top_k cannot exceed num_experts"),
     ({"model": {"overrides": {"numLayer": 2}}}, SpecValueError, "did you mean 'n_layers'"),
     ({"optimizer": {"lr": 1e-3, "minLr": 1e-2}}, SpecValueError, "optimizer.minLr"),
