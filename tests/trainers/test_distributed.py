@@ -10,6 +10,12 @@ import pytest
 
 from flashops.api.spec import parse_object
 
+# The reported gradient norm is torch's fp32 vector norm, whose own rounding is larger than this test's other
+# tolerances: measured on an Intel Xeon (2026-12-04), the one-process norm of lm_head's gradient (524k entries)
+# was 1.8e-4 below its float64 value, and FSDP's shards sum in another order (the two runs' norms differed by
+# 8e-5 with every per-parameter gradient equal to 1e-6). 1e-3 still tells a gradient world-size times too big
+# (tests/model/test_distributed.py compares the gradients themselves).
+GRAD_NORM_REL = 1e-3
 SPEC = {"stage": "pretrain", "training": {"steps": 2, "batchSize": 2, "seqLen": 32},
         "pretrain": {"mtpFromStep": 0}, "checkpoint": {"every": 1}}
 
@@ -51,7 +57,7 @@ def test_two_processes_fsdp2_and_ep_match_one_process(tmp_path, monkeypatch):
     for r1, r2 in zip(single.history, rows):
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-5)
         assert r2["mtp_loss"] == pytest.approx(r1["mtp_loss"], abs=1e-5)
-        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)  # same gradient, not world x it
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=GRAD_NORM_REL)  # same gradient, not world x it
     # and the sharded checkpoint loads (resharded by DCP) into a whole single-process model
     from flashops.model import JoyAIFlash, get_config
 
@@ -82,7 +88,7 @@ def test_post_training_mtp_loss_under_fsdp2_matches_one_process(tmp_path, monkey
     for r1, r2 in zip(single.history, rows):
         for key in ("loss", "mtp_loss"):
             assert r2[key] == pytest.approx(r1[key], abs=1e-5), key
-        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=GRAD_NORM_REL)
     rl = {"stage": "rl", "initFrom": base.checkpoint_uri, "training": {"steps": 1, "seqLen": 32},
           "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4, "curriculum": {"profile": False}},
           "parallelism": {"procsPerNode": 2}}
