@@ -76,7 +76,7 @@ export FLASHOPS_HOME="$WORK/home" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}" PRE
 
 missing="$("$PYTHON" - <<'EOF'
 import importlib
-need = ["torchtitan", "torchao", "safetensors", "tokenizers", "pydantic", "yaml", "typer", "rich", "sqlalchemy",
+need = ["torchtitan", "torchao", "safetensors", "tokenizers", "pydantic", "yaml", "typer", "rich", "sqlalchemy", "alembic",
         "numpy", "pyarrow"]
 print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
 EOF
@@ -94,6 +94,7 @@ if ! "$PYTHON" -c "import flashops.trainers.engine, flashops.serving.backend" 2>
 fi
 
 second='{}'
+train_failed=0
 
 train() {
 # ---- 1. train: bf16 compute, MTP + QAT -----------------------------------------------------------------
@@ -114,6 +115,19 @@ spec:
   qat: {mode: int4, groupSize: 64}
   checkpoint: {every: $half, keep: 3, uri: "file://$WORK/store"}
 EOF
+# where does the one-process trainer put its steps? Two steps of the same spec first: on the CPU, the
+# run below would measure the CPU (as on 2026-12-04, the first run on an H200: docs/scale.md)
+sed -e "s/steps: $STEPS,/steps: 2,/" -e "s|$WORK/store|$WORK/probe-store|" -e "s/name: gpu-check}/name: gpu-check-device}/" \
+  "$SPEC" > "$WORK/probe.yaml"
+if ! "$PYTHON" -m flashops.trainers --spec "$WORK/probe.yaml" --no-export > "$WORK/probe.json" 2> "$WORK/probe.err"; then
+  say "training FAILED:"; tail -20 "$WORK/probe.err" | sed 's/^/    /'; exit 1
+fi
+ran_on="$("$PYTHON" -c "import json,sys; print(json.loads(sys.argv[1]).get('device'))" "$(tail -1 "$WORK/probe.json")")"
+if [ "$ran_on" != "$DEVICE" ]; then
+  say "training FAILED: the trainer ran its steps on '$ran_on', not on '$DEVICE' (one process never places the"
+  say "  model or its batches on a GPU); not timing it. Serving places its own."
+  train_failed=1; return
+fi
 say "training $PRESET: $STEPS steps of $BATCH x $SEQ tokens, bf16 compute, MTP + INT4 QAT (one process:"
 say "  autocast; FSDP2's bf16 MixedPrecisionPolicy needs 2+ processes and is not exercised on one GPU)"
 if ! "$PYTHON" -m flashops.trainers --spec "$SPEC" --log-dir "$WORK/logs1" --no-export > "$WORK/train1.json" 2> "$WORK/train1.err"; then
@@ -162,7 +176,7 @@ if [ "$DO_TRAIN" = 1 ]; then train; fi
 if [ "$DO_SERVE" = 1 ]; then
   model_uri="${SERVE_MODEL:-$("$PYTHON" -c "import json,sys; print(json.loads(sys.argv[1]).get('model') or '')" "$second")}"
   source_args=(--model "$model_uri")
-  if [ -z "$model_uri" ] && [ "$DO_TRAIN" = 0 ]; then  # serving alone, no export given: a trained stand-in
+  if [ -z "$model_uri" ] && { [ "$DO_TRAIN" = 0 ] || [ "$train_failed" = 1 ]; }; then  # no export: a stand-in
     source_args=(--preset "${SERVE_PRESET:-joyai-flash-small}")
     if [ -n "${SERVE_TRAIN_STEPS:-}" ]; then source_args+=(--train-steps "$SERVE_TRAIN_STEPS"); fi
   fi
@@ -195,3 +209,4 @@ fi
 
 if [ ${#skipped[@]} -gt 0 ]; then say "not run: ${skipped[*]}"; fi
 say "done in ${SECONDS}s; work directory $WORK"
+if [ "$train_failed" = 1 ]; then exit 1; fi

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             lineage = _lineage(rank)
             result = run_training(obj, lineage=lineage, log_dir=args.log_dir)
             summary = {"run": result.run, "steps": result.steps, "checkpoint": result.checkpoint_uri,
-                       "loss": result.metrics.get("loss")}
+                       "loss": result.metrics.get("loss"), "device": result.device}
             _leave_process_group()  # the export below reads the whole checkpoint in one process
             if args.export and rank == 0:
                 from flashops.trainers.runner import export_finished_run

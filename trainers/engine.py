@@ -47,6 +47,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
     seconds: float = 0.0
+    device: str = "cpu"  # where the steps ran: one process trains on the CPU even beside a GPU (docs/scale.md)
 
 
 class Trainer:
@@ -345,7 +346,7 @@ class Trainer:
         if self.lineage and self.lineage_run_id is not None:
             self.lineage.finish_run(self.lineage_run_id, "succeeded", _jsonable(final))
         return RunResult(self.name, self.spec.stage, self.step, last_ref.uri if last_ref else None, final,
-                         list(self.metrics.history), resumed, time.time() - t0)
+                         list(self.metrics.history), resumed, time.time() - t0, self.dist.device)
 
 
 def _jsonable(d: dict) -> dict:

@@ -42,6 +42,7 @@ def test_two_processes_fsdp2_and_ep_match_one_process(tmp_path, monkeypatch):
     summary, rows = _torchrun(tmp_path, "two-procs", dict(SPEC, parallelism={"procsPerNode": 2, "ep": 2}),
                               tmp_path / "home")
     assert [r["step"] for r in rows] == [1, 2]
+    assert summary["device"] == "cpu"  # what benchmarks/gpu_check.sh reads to tell CPU steps from GPU ones
 
     from flashops.storage import open_store
 
@@ -54,6 +55,7 @@ def test_two_processes_fsdp2_and_ep_match_one_process(tmp_path, monkeypatch):
 
     single = run_training(parse_object({"apiVersion": "flashops.dev/v1alpha1", "kind": "TrainingRun",
                                         "metadata": {"name": "one-proc"}, "spec": SPEC}), None, False)
+    assert single.device == "cpu"
     for r1, r2 in zip(single.history, rows):
         assert r2["loss"] == pytest.approx(r1["loss"], abs=1e-5)
         assert r2["mtp_loss"] == pytest.approx(r1["mtp_loss"], abs=1e-5)
