@@ -76,8 +76,8 @@ export FLASHOPS_HOME="$WORK/home" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}" PRE
 
 missing="$("$PYTHON" - <<'EOF'
 import importlib
-need = ["torchtitan", "torchao", "safetensors", "tokenizers", "pydantic", "yaml", "typer", "rich", "sqlalchemy", "alembic",
-        "numpy", "pyarrow"]
+need = ["torchtitan", "torchao", "safetensors", "tokenizers", "pydantic", "yaml", "typer", "rich", "sqlalchemy",
+        "alembic", "numpy", "pyarrow"]
 print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
 EOF
 )"
@@ -124,8 +124,8 @@ if ! "$PYTHON" -m flashops.trainers --spec "$WORK/probe.yaml" --no-export > "$WO
 fi
 ran_on="$("$PYTHON" -c "import json,sys; print(json.loads(sys.argv[1]).get('device'))" "$(tail -1 "$WORK/probe.json")")"
 if [ "$ran_on" != "$DEVICE" ]; then
-  say "training FAILED: the trainer ran its steps on '$ran_on', not on '$DEVICE' (one process never places the"
-  say "  model or its batches on a GPU); not timing it. Serving places its own."
+  say "training FAILED: the trainer ran its steps on '$ran_on', not on '$DEVICE' (docs/scale.md, \"The first"
+  say "  run on a GPU\"); not timing them. Serving places its own model."
   train_failed=1; return
 fi
 say "training $PRESET: $STEPS steps of $BATCH x $SEQ tokens, bf16 compute, MTP + INT4 QAT (one process:"
