@@ -72,6 +72,25 @@ SHIM="$WORK/src/flashops"
 mkdir -p "$SHIM"
 for d in api model trainers serving operator storage cli; do ln -sfn "$ROOT/$d" "$SHIM/$d"; done
 export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}"
+# A torch older than the pin (the lent H200 image had 2.11 on 2026-12-04): torchtitan 0.3.0 imports
+# torch.distributed.fsdp.DataParallelMeshDims (torch >= 2.12) at module level, for the MTP layer's FSDP
+# sharding, which one process never runs. Where it is missing, a placeholder class, set in every python this
+# script starts, lets the imports through; using it raises. Remove when the GPU image has the pinned torch (2.13).
+if ! "$PYTHON" -c "from torch.distributed.fsdp import DataParallelMeshDims" 2>/dev/null; then
+  say "this torch has no torch.distributed.fsdp.DataParallelMeshDims (torch >= 2.12; the pin is 2.13): a placeholder"
+  say "  lets torchtitan 0.3.0 import; one process never uses it"
+  cat > "$WORK/src/sitecustomize.py" <<'EOF'
+try:
+    import torch.distributed.fsdp as _fsdp
+    if not hasattr(_fsdp, "DataParallelMeshDims"):
+        class DataParallelMeshDims:  # placeholder: see benchmarks/gpu_check.sh
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("DataParallelMeshDims needs torch >= 2.12 (the pin is 2.13)")
+        _fsdp.DataParallelMeshDims = DataParallelMeshDims
+except ImportError:
+    pass
+EOF
+fi
 export FLASHOPS_HOME="$WORK/home" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}" PRESET
 
 missing="$("$PYTHON" - <<'EOF'
