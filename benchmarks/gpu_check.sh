@@ -114,6 +114,7 @@ fi
 
 second='{}'
 train_failed=0
+step_failed() { say "$1 FAILED:"; tail -20 "$2" | sed 's/^/    /'; exit 1; }  # a step that could run and failed
 
 train() {
 # ---- 1. train: bf16 compute, MTP + QAT -----------------------------------------------------------------
@@ -139,7 +140,7 @@ EOF
 sed -e "s/steps: $STEPS,/steps: 2,/" -e "s|$WORK/store|$WORK/probe-store|" -e "s/name: gpu-check}/name: gpu-check-device}/" \
   "$SPEC" > "$WORK/probe.yaml"
 if ! "$PYTHON" -m flashops.trainers --spec "$WORK/probe.yaml" --no-export > "$WORK/probe.json" 2> "$WORK/probe.err"; then
-  say "training FAILED:"; tail -20 "$WORK/probe.err" | sed 's/^/    /'; exit 1
+  step_failed training "$WORK/probe.err"
 fi
 ran_on="$("$PYTHON" -c "import json,sys; print(json.loads(sys.argv[1]).get('device'))" "$(tail -1 "$WORK/probe.json")")"
 if [ "$ran_on" != "$DEVICE" ]; then
@@ -150,7 +151,7 @@ fi
 say "training $PRESET: $STEPS steps of $BATCH x $SEQ tokens, bf16 compute, MTP + INT4 QAT (one process:"
 say "  autocast; FSDP2's bf16 MixedPrecisionPolicy needs 2+ processes and is not exercised on one GPU)"
 if ! "$PYTHON" -m flashops.trainers --spec "$SPEC" --log-dir "$WORK/logs1" --no-export > "$WORK/train1.json" 2> "$WORK/train1.err"; then
-  say "training FAILED:"; tail -20 "$WORK/train1.err" | sed 's/^/    /'; exit 1
+  step_failed training "$WORK/train1.err"
 fi
 first="$(tail -1 "$WORK/train1.json")"
 say "trained: $first"
@@ -158,7 +159,7 @@ say "trained: $first"
 # ---- 2. resume: drop the final checkpoint, run again, same final loss --------------------------------------
 rm -rf "$WORK/store/runs/gpu-check/step-$STEPS"
 if ! "$PYTHON" -m flashops.trainers --spec "$SPEC" --log-dir "$WORK/logs2" > "$WORK/train2.json" 2> "$WORK/train2.err"; then
-  say "resume FAILED:"; tail -20 "$WORK/train2.err" | sed 's/^/    /'; exit 1
+  step_failed resume "$WORK/train2.err"
 fi
 second="$(tail -1 "$WORK/train2.json")"
 "$PYTHON" - "$first" "$second" "$WORK" <<'EOF' || exit 1
