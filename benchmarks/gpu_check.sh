@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path, checked where a GPU is lent (issue 20). One prepared script, under 8 minutes on one GPU:
+#   0. checks that the trainer's steps run on the GPU: two steps, then every stage (pretrain, SFT, DPO, RL) on
+#      the debug model, a few steps each;
 #   1. trains joyai-flash-small in bf16 (fp32 weights) with the MTP loss and INT4 QAT on, a few hundred steps;
 #   2. kills nothing but deletes the final checkpoint and runs again: it resumes from the last saved one and
 #      must end on the same loss;
@@ -137,7 +139,7 @@ spec:
 EOF
 # where does the one-process trainer put its steps? Two steps of the same spec first: on the CPU, the
 # run below would measure the CPU (as on 2026-12-04, the first run on an H200: docs/scale.md)
-sed -e "s/steps: $STEPS,/steps: 2,/" -e "s|$WORK/store|$WORK/probe-store|" -e "s/name: gpu-check}/name: gpu-check-device}/" \
+sed -e "s/steps: $STEPS,/steps: 2,/" -e "s/warmupSteps: $warmup}/warmupSteps: 0}/" -e "s|$WORK/store|$WORK/probe-store|" -e "s/name: gpu-check}/name: gpu-check-device}/" \
   "$SPEC" > "$WORK/probe.yaml"
 if ! "$PYTHON" -m flashops.trainers --spec "$WORK/probe.yaml" --no-export > "$WORK/probe.json" 2> "$WORK/probe.err"; then
   step_failed training "$WORK/probe.err"
@@ -148,6 +150,41 @@ if [ "$ran_on" != "$DEVICE" ]; then
   say "  run on a GPU\"); not timing them. Serving places its own model."
   train_failed=1; return
 fi
+# every stage's batches on the device: pretrain -> SFT -> DPO -> RL (rollouts, KL reference, nllWeight, MTP) on
+# the debug model, a few steps each, one process
+cat > "$WORK/stages.yaml" <<EOF
+apiVersion: flashops.dev/v1alpha1
+kind: TrainingPipeline
+metadata: {name: gpu-check-stages}
+spec:
+  stages:
+    - {name: pretrain, spec: {stage: pretrain, model: {preset: joyai-flash-debug}, data: {uri: "builtin:pretrain-text"},
+       optimizer: {name: muon, lr: 3.0e-3, warmupSteps: 2}, training: {steps: 6, batchSize: 8, seqLen: 64, dtype: $DTYPE},
+       pretrain: {mtpWeight: 0.1, mtpFromStep: 0}}}
+    - {name: sft, spec: {stage: sft, data: {uri: "builtin:sft-chat"}, optimizer: {name: adamw, lr: 1.0e-3},
+       training: {steps: 3, batchSize: 8, seqLen: 64, dtype: $DTYPE}, sft: {thinkingRatio: 0.5}}}
+    - {name: dpo, spec: {stage: dpo, data: {uri: "builtin:dpo-pairs"}, optimizer: {name: adamw, lr: 1.0e-4},
+       training: {steps: 3, batchSize: 4, seqLen: 64, dtype: $DTYPE}, dpo: {beta: 0.1, nllWeight: 1.0}}}
+    - {name: rl, spec: {stage: rl, data: {uri: "builtin:rl-tasks"}, optimizer: {name: adamw, lr: 1.0e-5},
+       training: {steps: 3, seqLen: 64, dtype: $DTYPE},
+       rl: {groupSize: 4, promptsPerStep: 4, updatesPerBatch: 2, thinkingRatio: 0.5, maxNewTokens: 8, nllWeight: 1.0,
+            klCoef: 0.01, curriculum: {profileRollouts: 2, profileMaxPrompts: 8}}}}
+EOF
+t_stages=$SECONDS
+if ! "$PYTHON" -m flashops.trainers --spec "$WORK/stages.yaml" --no-export > "$WORK/stages.json" 2> "$WORK/stages.err"; then
+  step_failed "the stages (pretrain, sft, dpo, rl)" "$WORK/stages.err"
+fi
+"$PYTHON" - "$(tail -1 "$WORK/stages.json")" "$DEVICE" "$((SECONDS - t_stages))" <<'EOF' || exit 1
+import json, math, sys
+runs, device = json.loads(sys.argv[1])["runs"], sys.argv[2]
+for r in runs:
+    print(f"[gpu_check] stage {r['stage']}: {r['steps']} steps on {r['device']}, final loss {r['loss']:.4f}")
+bad = [r["stage"] for r in runs if r["device"] != device or not math.isfinite(r["loss"])]
+if [r["stage"] for r in runs] != ["pretrain", "sft", "dpo", "rl"] or bad:
+    print(f"[gpu_check] stages FAILED: {bad or [r['stage'] for r in runs]} did not train on {device} to a finite loss")
+    sys.exit(1)
+print(f"[gpu_check] every stage trained on {device} ({sys.argv[3]}s with start-up)")
+EOF
 say "training $PRESET: $STEPS steps of $BATCH x $SEQ tokens, bf16 compute, MTP + INT4 QAT (one process:"
 say "  autocast; FSDP2's bf16 MixedPrecisionPolicy needs 2+ processes and is not exercised on one GPU)"
 if ! "$PYTHON" -m flashops.trainers --spec "$SPEC" --log-dir "$WORK/logs1" --no-export > "$WORK/train1.json" 2> "$WORK/train1.err"; then

@@ -29,9 +29,17 @@ def token_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) ->
     return probs
 
 
+def where_generator_draws(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A seeded generator draws on its own device: probs on another one are copied there (serving's
+    per-request CPU generators over GPU logits: a row per token), so a seed is one stream on every device."""
+    if generator is not None and generator.device != probs.device:
+        return probs.to(generator.device)
+    return probs
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     """One token from a 1-D distribution."""
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(where_generator_draws(probs, generator), 1, generator=generator))
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
@@ -40,4 +48,5 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     is untouched), else a draw from token_probs."""
     if temperature == 0.0:
         return logits.argmax(-1)
-    return torch.multinomial(token_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+    probs = where_generator_draws(token_probs(logits, temperature, top_p), generator)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(logits.device)

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(obj, TrainingPipeline):
             results, model_uri = run_pipeline(obj, log_root=args.log_dir, lineage=_lineage(rank),
                                               export=args.export and rank == 0)
-            summary = {"stages": [r.checkpoint_uri for r in results], "model": model_uri}
+            summary = {"stages": [r.checkpoint_uri for r in results], "model": model_uri,
+                       "runs": [{"run": r.run, "stage": r.stage, "steps": r.steps, "loss": r.metrics.get("loss"),
+                                 "device": r.device} for r in results]}
         else:
             if os.environ.get("FLASHOPS_RUN_NAME"):
                 obj.metadata.name = os.environ["FLASHOPS_RUN_NAME"]

@@ -47,7 +47,7 @@ class RunResult:
     history: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
     seconds: float = 0.0
-    device: str = "cpu"  # where the steps ran: one process trains on the CPU even beside a GPU (docs/scale.md)
+    device: str = "cpu"  # where the steps ran: "cuda" where torch sees a GPU (docs/scale.md)
 
 
 class Trainer:
@@ -101,6 +101,8 @@ class Trainer:
             enable_qat(self.model, self.spec.qat.group_size)
         if plan.init_uri:
             self.load_weights(self.model, plan.init_uri)
+        # on the process's device before the stage copies it as a frozen reference (FSDP2 shards from there)
+        self.model.to(self.dist.device)
         self.stage = make_stage(self)  # may copy the model as a frozen reference (dpo, rl with KL)
         parallel.apply_activation_checkpointing(self.model, self.spec.training.activation_checkpointing)
         parallel.apply_compile(self.model, self.spec.training.compile, self.dist.device)
@@ -215,12 +217,12 @@ class Trainer:
         """Sum a per-rank metric over ranks (identity in one process)."""
         if self.dist.world_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.dist.device)  # NCCL reduces device tensors
         torch.distributed.all_reduce(t)
         return float(t)
 
     def all_min(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.dist.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
         return float(t)
 

@@ -44,7 +44,7 @@ def _check(logprobs, old_logprobs, advantages, mask):
         raise ValueError("logprobs, old_logprobs, advantages and mask must all be [B, T]; got "
                          f"{[tuple(t.shape) for t in (logprobs, old_logprobs, advantages, mask)]}")
     keep = mask.bool()
-    zero = torch.zeros((), dtype=logprobs.dtype)
+    zero = logprobs.new_zeros(())
     log_r = torch.where(keep, logprobs - torch.where(keep, old_logprobs.to(logprobs.dtype), zero), zero)
     adv = torch.where(keep, advantages.to(logprobs.dtype), zero)
     return keep.to(logprobs.dtype), log_r, adv
@@ -146,7 +146,7 @@ def kl_penalty(logprobs, ref_logprobs, mask) -> torch.Tensor:
     """k3 estimator of KL(pi || ref) per token, trajectory-averaged like the policy losses."""
     keep = mask.bool()
     m = keep.to(logprobs.dtype)
-    zero = torch.zeros((), dtype=logprobs.dtype)
+    zero = logprobs.new_zeros(())
     d = torch.where(keep, torch.where(keep, ref_logprobs.to(logprobs.dtype), zero) - logprobs, zero)
     return _trajectory_mean(torch.exp(d) - d - 1, m)
 

@@ -1,5 +1,5 @@
-"""Process groups and model sharding. One process: nothing to do. Several (torchrun): gloo on CPU, NCCL
-on GPU; FSDP2 over all ranks and expert parallelism over `ep` ranks, through torchtitan's own code
+"""Process groups and model sharding. Every process trains on its GPU when there is one, else on the CPU.
+One process: nothing to shard. Several (torchrun): gloo on CPU, NCCL on GPU; FSDP2 over all ranks and expert parallelism over `ep` ranks, through torchtitan's own code
 (ParallelDims for the meshes, the model's parallelize() for EP, apply_fsdp_to_mtp_decoder for FSDP2).
 
     dist = init_distributed(spec.parallelism)       # Dist(rank, world_size, device)
@@ -27,11 +27,13 @@ def init_distributed(pspec, world_size: int | None = None) -> Dist:
     """world_size: given by `flashops plan` (a fake process group already initialised, meta tensors, CPU
     mesh); else WORLD_SIZE from torchrun."""
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    # a process trains on the GPU when torch sees one (CUDA_VISIBLE_DEVICES= keeps it on the CPU); a plan's
+    # fake process group stays on the CPU
+    device = "cuda" if torch.cuda.is_available() and world_size is None else "cpu"
     if world == 1:
-        return Dist()
+        return Dist(device=device)
     import torch.distributed as dist
 
-    device = "cuda" if torch.cuda.is_available() and world_size is None else "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     if device == "cuda":

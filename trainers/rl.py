@@ -43,12 +43,22 @@ def _reset_expert_counts(model) -> None:
         (counts.to_local() if hasattr(counts, "to_local") else counts).zero_()
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def rollout_generator(model, seed: int) -> torch.Generator:
+    """A seeded generator on the model's device, where the rollouts' tokens are drawn."""
+    return torch.Generator(device=model_device(model)).manual_seed(seed)
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], n: int, max_new: int, temperature: float,
              generator: torch.Generator | None, eos: int, pad: int = 2, stop_early: bool = True) -> list[list[int]]:
     """n completions per prompt (prompt-major order), each up to max_new tokens ending at the first eos.
-    Rows whose prompts have the same length are decoded together with one KV cache."""
+    Rows whose prompts have the same length are decoded together with one KV cache, on the model's device."""
     was_training = model.training
+    device = model_device(model)
     model.eval()
     out: list[list[int] | None] = [None] * (len(prompts) * n)
     buckets: dict[int, list[int]] = {}
@@ -56,12 +66,12 @@ def generate(model, prompts: list[list[int]], n: int, max_new: int, temperature:
         buckets.setdefault(len(p), []).append(i)
     for length in sorted(buckets):
         rows = [(i, j) for i in buckets[length] for j in range(n)]
-        x = torch.tensor([prompts[i] for i, _ in rows], dtype=torch.long)
+        x = torch.tensor([prompts[i] for i, _ in rows], dtype=torch.long, device=device)
         b = x.shape[0]
         cache = model.new_cache(b, length + max_new)
         logits = model(x, cache=cache, start_pos=0).logits[:, -1]
-        done = torch.zeros(b, dtype=torch.bool)
-        gen = torch.full((b, max_new), pad, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        gen = torch.full((b, max_new), pad, dtype=torch.long, device=device)
         for t in range(max_new):
             nxt = sample_tokens(logits, temperature, generator=generator)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -70,6 +80,7 @@ def generate(model, prompts: list[list[int]], n: int, max_new: int, temperature:
             if (stop_early and bool(done.all())) or t + 1 == max_new:
                 break
             logits = model(nxt.unsqueeze(1), cache=cache, start_pos=length + t).logits[:, -1]
+        gen = gen.cpu()
         for k, (i, j) in enumerate(rows):
             ids = gen[k].tolist()
             out[i * n + j] = ids[: ids.index(eos) + 1] if eos in ids else ids
@@ -83,7 +94,7 @@ def evaluate(model, tasks: list[Task], codec, max_new: int = 16, samples: int = 
     """Greedy accuracy and sampled mean reward on `tasks`, overall and per domain."""
     prompts = task_prompts(codec, tasks)
     greedy = generate(model, prompts, 1, max_new, 0.0, None, codec.eos, codec.pad)
-    g = torch.Generator().manual_seed(seed)
+    g = rollout_generator(model, seed)
     sampled = generate(model, prompts, samples, max_new, temperature, g, codec.eos, codec.pad)
     per_domain: dict[str, list[float]] = {}
     g_scores, s_scores = [], []
@@ -173,7 +184,7 @@ class RLStage(Stage):
         idx = list(range(len(self.pool)))
         if c.profile_max_prompts is not None and c.profile_max_prompts < len(idx):
             idx = sorted(random.Random(f"profile:{self.seed}").sample(idx, c.profile_max_prompts))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)  # not any step's rollout seed
+        g = rollout_generator(self.tr.model, self.seed * 1_000_003 - 1)  # not any step's rollout seed
         rates: list[float] = []
         k = c.profile_rollouts
         modes = [j < round(p.thinking_ratio * k) for j in range(k)]
@@ -210,7 +221,7 @@ class RLStage(Stage):
         tasks = [self.pool[i] for i in idx]
         thinking = thinking_modes(len(tasks), p.thinking_ratio, self.seed, step)
         prompts = task_prompts(self.codec, tasks, thinking)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        g = rollout_generator(tr.model, self.seed * 1_000_003 + step)
         completions = generate(tr.model, prompts, p.group_size, p.max_new_tokens, p.temperature, g,
                                self.codec.eos, self.codec.pad, stop_early=tr.dist.world_size == 1)
         texts = [self.codec.decode(c) for c in completions]
@@ -222,6 +233,7 @@ class RLStage(Stage):
         self.cursor += len(idx)
         adv = group_advantages(rewards, p.group_size)
         tokens, mask = rollout_batch(prompts, completions, p.group_size, self.seq_len + 1, self.codec.pad)
+        tokens, mask, adv = tokens.to(tr.device), mask.to(tr.device), adv.to(tr.device)
         adv_tok = adv.unsqueeze(1).expand_as(mask).contiguous().float()
         n = tokens.shape[0]
         micro = tr.spec.training.micro_batch_size or n
@@ -238,7 +250,8 @@ class RLStage(Stage):
         tokens, mask, adv_tok, old = (t[rank::world] for t in (tokens, mask, adv_tok, old))
         ref = ref[rank::world] if ref is not None else None
         n_global, n = n, tokens.shape[0]
-        gold = self.reference_answers(tasks, thinking) if p.nll_weight > 0 else None
+        gold = ([t.to(tr.device) for t in self.reference_answers(tasks, thinking)]
+                if p.nll_weight > 0 else None)
         losses, ratio_mean, ratio_max, entropy, kls, drift, mtp_loss = [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
         n_resp = max(tr.all_sum(float(mask.sum())), 1.0)  # response tokens of the global batch
         for _ in range(p.updates_per_batch):

@@ -33,6 +33,9 @@ class Packed:
     mask: torch.Tensor       # (B, L+1) 1 where the token is a training target
     local: bool = False      # True: only this rank's rows (a prepared dataset's loader), not the global batch
 
+    def to(self, device) -> "Packed":
+        return Packed(self.tokens.to(device), self.positions.to(device), self.mask.to(device), self.local)
+
 
 def split_micro(batch_size: int, micro: int) -> list[slice]:
     return [slice(i, i + micro) for i in range(0, batch_size, micro)]
@@ -70,6 +73,11 @@ class StageContext:
     def dist(self):
         return self._trainer.dist
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is: every batch a stage builds (on the CPU) goes there before its forward."""
+        return torch.device(self._trainer.dist.device)
+
 
 class Stage:
     name = "stage"
@@ -89,8 +97,10 @@ class Stage:
         if self.loader is not None:
             out = {k: torch.as_tensor(v).clone() for k, v in self.loader.state_dict().items()}
             if getattr(self.loader, "per_rank", False) and self.tr.dist.world_size > 1:
-                for t in out.values():  # each rank filled its own row streams: one table for the checkpoint
+                for k, t in out.items():  # each rank filled its own row streams: one table for the checkpoint
+                    t = t.to(self.tr.device)  # NCCL reduces device tensors
                     torch.distributed.all_reduce(t)
+                    out[k] = t.cpu()
             return out
         return {"cursor": torch.tensor(self.cursor)}
 
@@ -174,6 +184,7 @@ class PretrainStage(Stage):
 def supervised_step(tr, batch: Packed, mtp_weight: float) -> dict:
     """Forward/backward over micro-batches of a packed batch, then one optimizer step."""
     model = tr.model
+    batch = batch.to(tr.device)
     inp, tgt = batch.tokens[:, :-1], batch.tokens[:, 1:]
     pos, mask = batch.positions[:, :-1], batch.mask[:, 1:]
     n_tok = mask.sum().clamp(min=1)
@@ -221,7 +232,7 @@ def is_raw(dataset) -> bool:
 
 def global_counts(tr, *values) -> list[torch.Tensor]:
     """Per-rank counts summed over ranks in one all-reduce (at least 1 each: they divide losses)."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=tr.device)
     if tr.dist.world_size > 1:
         torch.distributed.all_reduce(t)
     return [x.clamp(min=1).long() for x in t]
@@ -378,8 +389,8 @@ class DPOStage(Stage):
             rejected.append(r)
 
         def tensors(pairs):
-            return (_to_tensor([p[0] for p in pairs], width, self.codec.pad),
-                    _to_tensor([p[1] for p in pairs], width, 0))
+            return (_to_tensor([p[0] for p in pairs], width, self.codec.pad).to(self.tr.device),
+                    _to_tensor([p[1] for p in pairs], width, 0).to(self.tr.device))
 
         return tensors(chosen), tensors(rejected)
 

@@ -28,6 +28,7 @@ def main(rank: int, world: int, port: int, uri: str, out: str) -> None:
         return float(t)
 
     tr = SimpleNamespace(spec=spec, dist=SimpleNamespace(rank=rank, world_size=world), all_sum=all_sum,
+                         device=torch.device("cpu"),
                          plan=SimpleNamespace(micro_batch_size=2, dataset=open_dataset(uri, "pretrain", seed=2)))
     stage = PretrainStage(tr)
     rows = [stage.local_batch().tokens.numpy() for _ in range(3)]

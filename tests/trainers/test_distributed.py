@@ -96,3 +96,20 @@ def test_post_training_mtp_loss_under_fsdp2_matches_one_process(tmp_path, monkey
           "parallelism": {"procsPerNode": 2}}
     _, rows = _torchrun(tmp_path, "rl-two", rl, tmp_path / "home2")
     assert rows[-1]["mtp_loss"] > 0 and rows[-1]["mtp_loss"] < 20
+
+
+def test_a_process_trains_on_its_gpu_when_torch_sees_one_and_a_plan_stays_on_the_cpu(monkeypatch):
+    """The device choice the engine, the stages and the RL sampler follow (docs/scale.md, "Where training
+    runs"): one process takes the GPU when there is one; `flashops plan`'s fake process group never does."""
+    import torch
+
+    from flashops.api.spec import ParallelismSpec
+    from flashops.trainers.parallel import init_distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_distributed(ParallelismSpec()).device == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert init_distributed(ParallelismSpec()).device == "cuda"
+    assert init_distributed(ParallelismSpec(), world_size=1).device == "cpu"  # the plan's meta model
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert init_distributed(ParallelismSpec()).device == "cpu"

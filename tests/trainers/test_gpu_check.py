@@ -44,3 +44,21 @@ def test_gpu_check_serving_step_dry_run_on_cpu_prints_the_runtime_figures(tmp_pa
     bogus = subprocess.run(["bash", str(SCRIPT)], env={**env, "GPU_CHECK_STEPS": "serv"}, capture_output=True,
                            text=True, timeout=60)
     assert bogus.returncode == 2 and "names no step" in bogus.stdout
+
+
+@pytest.mark.slow  # ~35 s on 2 cores: the device probe, every stage on the debug model, 10 steps, resume, export
+def test_gpu_check_training_step_dry_run_on_cpu_trains_every_stage_where_it_checks(tmp_path):
+    """The training step on the CPU (GPU_CHECK_ON_CPU=1): the two-step device probe, then pretrain -> SFT ->
+    DPO -> RL on the debug model, each read back from the pipeline's summary as trained on the expected device,
+    then the timed run, the resume and the export. Its probe has 2 steps where the run warms up for 2 (it must
+    not inherit the warm-up). On a GPU the same steps must report cuda."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHON=sys.executable, WORK=str(tmp_path), GPU_CHECK_ON_CPU="1", GPU_CHECK_STEPS="train", STEPS="10",
+               PRESET="joyai-flash-debug", BATCH="2", SEQ="32")
+    out = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for stage in ("pretrain", "sft", "dpo", "rl"):
+        assert f"[gpu_check] stage {stage}: " in out.stdout and "steps on cpu, final loss" in out.stdout
+    assert "every stage trained on cpu" in out.stdout and "resumed at step 5" in out.stdout
+    summary = json.loads((tmp_path / "stages.json").read_text().splitlines()[-1])
+    assert [r["device"] for r in summary["runs"]] == ["cpu"] * 4
