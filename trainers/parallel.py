@@ -1,6 +1,7 @@
 """Process groups and model sharding. Every process trains on its GPU when there is one, else on the CPU.
-One process: nothing to shard. Several (torchrun): gloo on CPU, NCCL on GPU; FSDP2 over all ranks and expert parallelism over `ep` ranks, through torchtitan's own code
-(ParallelDims for the meshes, the model's parallelize() for EP, apply_fsdp_to_mtp_decoder for FSDP2).
+One process: nothing to shard. Several (torchrun): gloo on CPU, NCCL on GPU; FSDP2 over all ranks and expert
+parallelism over `ep` ranks, through torchtitan's own code (ParallelDims for the meshes, the model's
+parallelize() for EP, apply_fsdp_to_mtp_decoder for FSDP2).
 
     dist = init_distributed(spec.parallelism)       # Dist(rank, world_size, device)
     model = parallelize(model, dist, spec.parallelism)
