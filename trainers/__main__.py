@@ -50,15 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             results, model_uri = run_pipeline(obj, log_root=args.log_dir, lineage=_lineage(rank),
                                               export=args.export and rank == 0)
             summary = {"stages": [r.checkpoint_uri for r in results], "model": model_uri,
-                       "runs": [{"run": r.run, "stage": r.stage, "steps": r.steps, "loss": r.metrics.get("loss"),
-                                 "device": r.device} for r in results]}
+                       "runs": [run_summary(r) for r in results]}
         else:
             if os.environ.get("FLASHOPS_RUN_NAME"):
                 obj.metadata.name = os.environ["FLASHOPS_RUN_NAME"]
             lineage = _lineage(rank)
             result = run_training(obj, lineage=lineage, log_dir=args.log_dir)
-            summary = {"run": result.run, "steps": result.steps, "checkpoint": result.checkpoint_uri,
-                       "loss": result.metrics.get("loss"), "device": result.device}
+            summary = run_summary(result)
             _leave_process_group()  # the export below reads the whole checkpoint in one process
             if args.export and rank == 0:
                 from flashops.trainers.runner import export_finished_run
@@ -73,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(json.dumps(summary))
     return 0
+
+
+def run_summary(result) -> dict:
+    """What the trainer prints of a finished run (alone, or each of a pipeline's under "runs")."""
+    return {"run": result.run, "stage": result.stage, "steps": result.steps, "checkpoint": result.checkpoint_uri,
+            "loss": result.metrics.get("loss"), "device": result.device}
 
 
 def _fail(rank: int, code: int, message: str) -> int:
