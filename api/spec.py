@@ -514,6 +514,22 @@ class RunSpecBase(Spec):
         return getattr(self, self.stage)  # type: ignore[attr-defined]
 
     @property
+    def global_rows(self) -> tuple[str, int]:
+        """The sequences of one step's global batch, and the field(s) that set them."""
+        return "training.batchSize", self.training.batch_size
+
+    @model_validator(mode="after")
+    def _rows_split_over_ranks(self) -> "RunSpecBase":
+        # every rank trains on an equal share of the global batch: with unequal shares ranks run different
+        # numbers of micro-batches and FSDP's collectives wait forever (a rank with no rows hangs them all)
+        fields, rows = self.global_rows
+        world = self.parallelism.world_size
+        if rows % world:
+            raise ValueError(f"{fields} = {rows} sequences a step do not split evenly over the world size {world} "
+                             f"(parallelism.nodes x procsPerNode): use a multiple of {world}")
+        return self
+
+    @property
     def data_uri(self) -> str:
         """The data this run reads: spec.data.uri, else the stage's builtin corpus (the trainer, the operator's
         lineage record and `flashops run` all use this, so both paths record the same dataset)."""
@@ -538,6 +554,10 @@ class DPORunSpec(RunSpecBase):
 class RLRunSpec(RunSpecBase):
     stage: Literal["rl"] = "rl"
     rl: RLParams = Field(default_factory=RLParams)
+
+    @property
+    def global_rows(self) -> tuple[str, int]:
+        return "rl.groupSize x rl.promptsPerStep", self.rl.group_size * self.rl.prompts_per_step
 
 
 TrainingRunSpec = Annotated[

@@ -233,10 +233,13 @@ class RLStage(Stage):
         self.cursor += len(idx)
         adv = group_advantages(rewards, p.group_size)
         tokens, mask = rollout_batch(prompts, completions, p.group_size, self.seq_len + 1, self.codec.pad)
-        tokens, mask, adv = tokens.to(tr.device), mask.to(tr.device), adv.to(tr.device)
         adv_tok = adv.unsqueeze(1).expand_as(mask).contiguous().float()
+        n_global = tokens.shape[0]
+        micro = tr.spec.training.micro_batch_size or n_global
+        # every rank sampled the same rollouts (same seed); each scores and trains on its share of them, on its device
+        rank, world = tr.dist.rank, tr.dist.world_size
+        tokens, mask, adv_tok = (t[rank::world].to(tr.device) for t in (tokens, mask, adv_tok))
         n = tokens.shape[0]
-        micro = tr.spec.training.micro_batch_size or n
         with torch.no_grad():
             # every log-prob is of the distribution the rollouts were drawn from: softmax(logits / temperature)
             old = torch.cat([policy_forward(tr.model, tokens[sl], temperature=p.temperature)[0]
@@ -245,11 +248,6 @@ class RLStage(Stage):
                               for sl in split_micro(n, micro)])
                    if self.reference is not None else None)
         _reset_expert_counts(tr.model)
-        # every rank sampled the same rollouts (same seed); each trains on its share of them
-        rank, world = tr.dist.rank, tr.dist.world_size
-        tokens, mask, adv_tok, old = (t[rank::world] for t in (tokens, mask, adv_tok, old))
-        ref = ref[rank::world] if ref is not None else None
-        n_global, n = n, tokens.shape[0]
         gold = ([t.to(tr.device) for t in self.reference_answers(tasks, thinking)]
                 if p.nll_weight > 0 else None)
         losses, ratio_mean, ratio_max, entropy, kls, drift, mtp_loss = [], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0

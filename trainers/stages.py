@@ -33,9 +33,6 @@ class Packed:
     mask: torch.Tensor       # (B, L+1) 1 where the token is a training target
     local: bool = False      # True: only this rank's rows (a prepared dataset's loader), not the global batch
 
-    def to(self, device) -> "Packed":
-        return Packed(self.tokens.to(device), self.positions.to(device), self.mask.to(device), self.local)
-
 
 def split_micro(batch_size: int, micro: int) -> list[slice]:
     return [slice(i, i + micro) for i in range(0, batch_size, micro)]
@@ -184,7 +181,6 @@ class PretrainStage(Stage):
 def supervised_step(tr, batch: Packed, mtp_weight: float) -> dict:
     """Forward/backward over micro-batches of a packed batch, then one optimizer step."""
     model = tr.model
-    batch = batch.to(tr.device)
     inp, tgt = batch.tokens[:, :-1], batch.tokens[:, 1:]
     pos, mask = batch.positions[:, :-1], batch.mask[:, 1:]
     n_tok = mask.sum().clamp(min=1)
@@ -200,6 +196,8 @@ def supervised_step(tr, batch: Packed, mtp_weight: float) -> dict:
         n_tok, n_mtp, n_rows = global_counts(tr, mask.sum(), mtp_mask.sum(), n_rows)
     else:
         inp, tgt, pos, mask, mtp_mask = (t[rank::world] for t in (inp, tgt, pos, mask, mtp_mask))
+    # only this rank's rows go to its device (a global batch is sliced first)
+    inp, tgt, pos, mask, mtp_mask = (t.to(tr.device) for t in (inp, tgt, pos, mask, mtp_mask))
     for sl in split_micro(inp.shape[0], tr.plan.micro_batch_size):
         out = model(inp[sl], positions=pos[sl], mtp=mtp_weight > 0)
         ce_sum, _ = masked_ce(out.logits, tgt[sl], mask[sl])
@@ -389,21 +387,22 @@ class DPOStage(Stage):
             rejected.append(r)
 
         def tensors(pairs):
-            return (_to_tensor([p[0] for p in pairs], width, self.codec.pad).to(self.tr.device),
-                    _to_tensor([p[1] for p in pairs], width, 0).to(self.tr.device))
+            return _to_tensor([p[0] for p in pairs], width, self.codec.pad), _to_tensor([p[1] for p in pairs], width, 0)
 
         return tensors(chosen), tensors(rejected)
 
     def train_step(self, step: int) -> dict:
         (ct, cm), (rt, rm) = self.batch()
-        with torch.no_grad():
-            ref_c = sequence_logprob(self.reference, ct, cm)
-            ref_r = sequence_logprob(self.reference, rt, rm)
         totals: dict[str, float] = {}
         n = self.batch_size
         rank, world = self.tr.dist.rank, self.tr.dist.world_size
         if self.loader is None:  # every rank built the global batch: take this rank's rows
-            ct, cm, rt, rm, ref_c, ref_r = (t[rank::world] for t in (ct, cm, rt, rm, ref_c, ref_r))
+            ct, cm, rt, rm = (t[rank::world] for t in (ct, cm, rt, rm))
+        # only this rank's rows go to its device, and the reference scores only those
+        ct, cm, rt, rm = (t.to(self.tr.device) for t in (ct, cm, rt, rm))
+        with torch.no_grad():
+            ref_c = sequence_logprob(self.reference, ct, cm)
+            ref_r = sequence_logprob(self.reference, rt, rm)
         # the MTP loss (dpo.mtp) on the chosen answers' tokens, per token over all ranks' chosen tokens
         n_mtp = global_counts(self.tr, cm[:, 2:].sum())[0] if self.mtp_weight > 0 else 1
         # each pair weighs 1/global pairs; FSDP sums the ranks' gradients

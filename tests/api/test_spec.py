@@ -85,6 +85,12 @@ spec:
         ("  data: {uri: 'http://x/y'}\n", "spec.data.uri: 'http://x/y' has no supported scheme"),
         ("  parallelism: {procsPerNode: 3, ep: 2}\n", "ep 2 does not divide the world size 3"),
         ("  training: {batchSize: 8, microBatchSize: 3}\n", "batchSize 8 is not a multiple of microBatchSize 3"),
+        # unequal shares of the global batch would leave FSDP's collectives waiting on a rank with fewer micro-batches
+        ("  parallelism: {procsPerNode: 3}\n",
+         "spec: training.batchSize = 8 sequences a step do not split evenly over the world size 3 (parallelism.nodes "
+         "x procsPerNode): use a multiple of 3"),
+        ("  rl: {groupSize: 4, promptsPerStep: 3}\n  parallelism: {nodes: 2, procsPerNode: 4}\n",
+         "spec: rl.groupSize x rl.promptsPerStep = 12 sequences a step do not split evenly over the world size 8"),
         ("  qat: {mode: int4, groupSize: 48}\n", "spec.qat.groupSize: 48 is not a power of two"),
         ("  initFrom: 'Not A Name'\n", "spec.initFrom: 'Not A Name' is neither a checkpoint URI"),
     ],

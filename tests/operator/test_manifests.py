@@ -60,6 +60,7 @@ def test_every_child_of_every_example_validates_against_upstream_crds(example, r
 def test_multi_node_pytorchjob_has_workers_resources_and_gpu():
     run = S.parse_object({"apiVersion": S.API_GROUP_VERSION, "kind": "TrainingRun", "metadata": {"name": "big", "uid": "u-1"},
                           "spec": {"stage": "pretrain", "parallelism": {"nodes": 3, "procsPerNode": 8, "ep": 8},
+                                   "training": {"batchSize": 48},
                                    "resources": {"cpu": "32", "memory": "256Gi", "gpu": 8}, "suspend": True}})
     run.metadata.namespace = "ml"
     job = C.build_pytorchjob(run, 2, CONFIG)
