@@ -14,6 +14,7 @@ the RNG state and any stage state (the RL curriculum's pass rates), so a killed 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -94,22 +95,22 @@ class Trainer:
         self.dist = parallel.init_distributed(self.spec.parallelism)
         torch.manual_seed(self.spec.training.seed)
         self.dtype = plan.dtype
-        self.model = parallel.build_model(plan.model_config, self.dist, self.spec.parallelism)
-        if self.spec.qat.mode == "int4":
-            from flashops.model.qat import enable_qat
-
-            enable_qat(self.model, self.spec.qat.group_size)
-        if plan.init_uri:
-            self.load_weights(self.model, plan.init_uri)
-        # on the process's device before the stage copies it as a frozen reference (FSDP2 shards from there)
-        self.model.to(self.dist.device)
-        self.stage = make_stage(self)  # may copy the model as a frozen reference (dpo, rl with KL)
-        parallel.apply_activation_checkpointing(self.model, self.spec.training.activation_checkpointing)
-        parallel.apply_compile(self.model, self.spec.training.compile, self.dist.device)
-        # parameters and optimizer state stay fp32 (checkpoints too); compute runs in self.dtype: through
-        # FSDP2's MixedPrecisionPolicy with several processes, through autocast in one (compute_precision)
-        self.model = parallel.parallelize(self.model, self.dist, self.spec.parallelism, compute_dtype=self.dtype,
-                                          qat=self.spec.qat.mode == "int4")
+        # post-training on several processes: built on the meta device, sharded, then each rank reads only its
+        # shards of the starting checkpoint, so no process holds the whole model (the 48B preset: 196 GB in fp32)
+        self.loads_sharded = self.dist.world_size > 1 and plan.init_uri is not None
+        if self.loads_sharded:
+            self.model = self.sharded_model(plan.init_uri, train=True)
+            self.stage = make_stage(self)  # a frozen reference is built sharded too (frozen_reference)
+            parallel.reshard(self.model)  # the stage may have run a forward (RL's first evaluation)
+        else:
+            self.model = parallel.build_model(plan.model_config, self.dist, self.spec.parallelism)
+            self.enable_qat(self.model)
+            if plan.init_uri:
+                self.load_weights(self.model, plan.init_uri)
+            # on the process's device before the stage copies it as a frozen reference (FSDP2 shards from there)
+            self.model.to(self.dist.device)
+            self.stage = make_stage(self)  # may copy the model as a frozen reference (dpo, rl with KL)
+            self.model = self.parallelize(self.model, train=True)
         self.model.train()
         self.optimizers = build_optimizers(self.model, self.spec.optimizer)
         self.metrics = MetricsLog(self.log_dir / "metrics.jsonl" if self.log_dir else None, self.tensorboard_dir,
@@ -129,16 +130,72 @@ class Trainer:
             self.on_step(row)
 
     def load_weights(self, model, uri: str) -> None:
-        """Initialise from a checkpoint (another run's): model weights and router biases only."""
+        """Initialise from a checkpoint (another run's): model weights and router biases only. A sharded model
+        reads only its own shards (DCP reshards to this world size and layout)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
         from flashops.storage import load_checkpoint
 
-        state = {"model": model.state_dict()}
+        state = {"model": get_model_state_dict(model)}
         load_checkpoint(uri, state)
+        set_model_state_dict(model, state["model"])
+
+    def enable_qat(self, model) -> None:
+        if self.spec.qat.mode == "int4":
+            from flashops.model.qat import enable_qat
+
+            enable_qat(model, self.spec.qat.group_size)
+
+    def parallelize(self, model, train: bool):
+        """Activation checkpointing and compile (a trained model only), then FSDP2 (+ EP) with several processes.
+        Parameters and optimizer state stay fp32 (checkpoints too); compute runs in self.dtype: through FSDP2's
+        MixedPrecisionPolicy with several processes, through autocast in one (compute_precision)."""
+        from flashops.trainers import parallel
+
+        if train:
+            parallel.apply_activation_checkpointing(model, self.spec.training.activation_checkpointing)
+            parallel.apply_compile(model, self.spec.training.compile, self.dist.device)
+        return parallel.parallelize(model, self.dist, self.spec.parallelism, compute_dtype=self.dtype,
+                                    qat=self.spec.qat.mode == "int4")
+
+    def sharded_model(self, uri: str, train: bool):
+        """The model built on the meta device, sharded (FSDP2 + EP), given this rank's storage on its device and
+        loaded from `uri`: the process never holds more than its shards (torchtitan builds on meta the same way)."""
+        from flashops.trainers import parallel
+
+        with torch.device("meta"):
+            model = parallel.build_model(self.plan.model_config, self.dist, self.spec.parallelism)
+        self.enable_qat(model)
+        model = self.parallelize(model, train=train)
+        model.to_empty(device=self.dist.device)
+        with torch.no_grad():  # the buffers (RoPE tables, router state); the load then sets every parameter
+            model.init_states()
+        self.load_weights(model, uri)
+        return model
+
+    def frozen_reference(self, uri: str | None = None):
+        """A stage's frozen reference policy (DPO, RL's KL): the run's starting checkpoint, or `uri`. Sharded like
+        the policy when the policy was loaded sharded; else a copy of the policy before it is parallelized."""
+        uri = uri or self.plan.init_uri
+        if self.loads_sharded:
+            ref = self.sharded_model(uri, train=False)
+        else:
+            ref = copy.deepcopy(self.model)
+            if uri and uri != self.plan.init_uri:
+                self.load_weights(ref, uri)
+        ref.eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        if self.dist.world_size > 1:
+            from flashops.trainers.parallel import reshard
+
+            reshard(self.model)  # the state of the shards, whatever forward ran last
         model_sd, optim_sd = get_state_dict(self.model, self.optimizers)
         return {
             "model": model_sd,

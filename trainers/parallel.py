@@ -67,6 +67,17 @@ def build_model(cfg, d: Dist, pspec):
     return JoyAIFlash(tt)
 
 
+def reshard(model) -> None:
+    """Put every FSDP2 unit of `model` back to its shards. FSDP2's root unit stays gathered after a forward
+    without a backward (RL's generation, an evaluation), and its module then holds the gathered parameters: an
+    optimizer built, or a state dict read, at that moment would see those instead of the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def apply_activation_checkpointing(model, mode: str) -> None:
     """torchtitan's activation checkpointing on every block (model.layers): "full" recomputes each block in
     backward (keeps only its input), "selective" is torchtitan's op-level SAC (keeps matmul / attention /

@@ -28,7 +28,7 @@ from flashops.model.sampling import sample_tokens
 from flashops.trainers.corpora import BuiltinDataset, eval_tasks, row_task, task_messages
 from flashops.trainers.curriculum import CurriculumSampler, solved_and_unsolved, target_pass_rate
 from flashops.trainers.losses import POLICY_LOSSES, group_advantages, kl_penalty
-from flashops.trainers.stages import (Stage, _to_tensor, frozen_copy, mtp_loss_sum, mtp_loss_weight, policy_forward,
+from flashops.trainers.stages import (Stage, _to_tensor, mtp_loss_sum, mtp_loss_weight, policy_forward,
                                       split_micro)
 from flashops.trainers.tasks import DOMAINS, Task, correct, reward
 
@@ -160,7 +160,7 @@ class RLStage(Stage):
         self.profile_stats: dict = {}  # set when this process profiled; reported with the first step
         self.loss_fn = POLICY_LOSSES[self.p.algorithm]
         self.mtp_weight = mtp_loss_weight(trainer, self.p.mtp)
-        self.reference = frozen_copy(trainer.model) if self.p.kl_coef > 0 else None
+        self.reference = self.tr.frozen_reference() if self.p.kl_coef > 0 else None
         self.eval_before = evaluate(trainer.model, self.eval_set, self.codec, self.p.max_new_tokens,
                                     temperature=self.p.temperature, seed=self.seed)
 

@@ -12,7 +12,6 @@ micro-batches gives the same update as one big batch.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 
@@ -60,6 +59,7 @@ class StageContext:
         self.all_sum = trainer.all_sum
         self.all_min = trainer.all_min
         self.load_weights = trainer.load_weights
+        self.frozen_reference = trainer.frozen_reference
         self.progress = trainer.progress
 
     @property
@@ -339,14 +339,6 @@ def sequence_logprob(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.T
     return (lp * mask[:, 1:].to(lp.dtype)).sum(-1)
 
 
-def frozen_copy(model):
-    ref = copy.deepcopy(model)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
 class DPOStage(Stage):
     """Pairs (prompt, chosen, rejected) in chat form, thinking or not per pair; the reference is a frozen copy of
     the starting policy (or dpo.reference); loss -log sigmoid(beta x (policy - reference) margin), plus
@@ -359,10 +351,7 @@ class DPOStage(Stage):
         self.beta = trainer.spec.dpo.beta
         self.nll_weight = trainer.spec.dpo.nll_weight
         self.mtp_weight = mtp_loss_weight(trainer, trainer.spec.dpo.mtp)
-        self.reference = frozen_copy(trainer.model)
-        plan = trainer.plan
-        if plan.reference_uri and plan.reference_uri != plan.init_uri:
-            trainer.load_weights(self.reference, plan.reference_uri)
+        self.reference = self.tr.frozen_reference(trainer.plan.reference_uri)
         if is_raw(self.dataset):
             from flashops.trainers.loader import RawRowsLoader
 

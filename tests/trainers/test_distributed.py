@@ -73,8 +73,11 @@ def test_two_processes_fsdp2_and_ep_match_one_process(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_post_training_mtp_loss_under_fsdp2_matches_one_process(tmp_path, monkeypatch):
-    """dpo.mtp on in 2 processes (FSDP2): the DPO and MTP losses and the gradient norm equal one process's on the
-    same global batch; RL with rl.mtp (on by default) runs in 2 processes and reports a finite MTP loss."""
+    """dpo.mtp on in 2 processes (FSDP2 + EP): the DPO and MTP losses and the gradient norm equal one process's on
+    the same global batch; RL with rl.mtp (on by default) runs in 2 processes and reports a finite MTP loss.
+    Both start from a checkpoint, so both processes build the policy and its frozen reference on the meta device
+    and read only their shards (Trainer.sharded_model): equal losses say the shards were loaded, a KL of 0 before
+    RL's only update says the sharded reference is the starting policy."""
     from flashops.trainers.runner import run_training
 
     monkeypatch.setenv("FLASHOPS_HOME", str(tmp_path / "home1"))
@@ -85,17 +88,21 @@ def test_post_training_mtp_loss_under_fsdp2_matches_one_process(tmp_path, monkey
            "dpo": {"mtp": {"train": True}}}
     single = run_training(parse_object({"apiVersion": "flashops.dev/v1alpha1", "kind": "TrainingRun",
                                         "metadata": {"name": "dpo-one"}, "spec": dpo}), None, False)
-    _, rows = _torchrun(tmp_path, "dpo-two", dict(dpo, parallelism={"procsPerNode": 2}), tmp_path / "home2")
+    _, rows = _torchrun(tmp_path, "dpo-two", dict(dpo, parallelism={"procsPerNode": 2, "ep": 2}), tmp_path / "home2")
     assert [r["step"] for r in rows] == [1, 2]
     for r1, r2 in zip(single.history, rows):
         for key in ("loss", "mtp_loss"):
             assert r2[key] == pytest.approx(r1[key], abs=1e-5), key
         assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=GRAD_NORM_REL)
     rl = {"stage": "rl", "initFrom": base.checkpoint_uri, "training": {"steps": 1, "seqLen": 32},
-          "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4, "curriculum": {"profile": False}},
+          "rl": {"groupSize": 2, "promptsPerStep": 2, "maxNewTokens": 4, "curriculum": {"profile": False},
+                 "klCoef": 0.1, "updatesPerBatch": 1},
           "parallelism": {"procsPerNode": 2}}
-    _, rows = _torchrun(tmp_path, "rl-two", rl, tmp_path / "home2")
+    summary, rows = _torchrun(tmp_path, "rl-two", rl, tmp_path / "home2")
     assert rows[-1]["mtp_loss"] > 0 and rows[-1]["mtp_loss"] < 20
+    # one update, measured before the optimizer step: the policy is still the reference, on every rank's rows
+    assert rows[-1]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert summary["checkpoint"].endswith("/step-1")  # the final save read the shards, not FSDP's gathered root
 
 
 def test_a_process_trains_on_its_gpu_when_torch_sees_one_and_a_plan_stays_on_the_cpu(monkeypatch):
