@@ -47,8 +47,8 @@ def _to_tensor(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
 
 class StageContext:
     """What a stage may use of the trainer, and nothing else: the spec, the preflight plan, the model (read when
-    used: the engine wraps it for FSDP after the stage is built), the process group, and the engine's backward,
-    optimizer step, cross-rank reductions, weight loading and progress report (phase, done, total)."""
+    used: the engine may wrap it for FSDP after the stage is built), the process group, and the engine's backward,
+    optimizer step, cross-rank reductions, frozen reference policy and progress report (phase, done, total)."""
 
     def __init__(self, trainer):
         self._trainer = trainer
@@ -58,7 +58,6 @@ class StageContext:
         self.optimizer_step = trainer.optimizer_step
         self.all_sum = trainer.all_sum
         self.all_min = trainer.all_min
-        self.load_weights = trainer.load_weights
         self.frozen_reference = trainer.frozen_reference
         self.progress = trainer.progress
 

@@ -27,9 +27,9 @@ def test_every_spec_stage_is_registered_and_stages_do_not_import_rl():
 
 def test_a_stage_sees_the_context_not_the_trainer():
     public = {n for n in vars(StageContext) if not n.startswith("_")} | {"spec", "plan", "backward", "optimizer_step",
-                                                                        "all_sum", "all_min", "load_weights"}
+                                                                        "all_sum", "all_min", "frozen_reference"}
     assert public == {"spec", "plan", "model", "dist", "device", "backward", "optimizer_step", "all_sum", "all_min",
-                      "load_weights"}
+                      "frozen_reference"}
 
 
 def test_null_lineage_records_nothing_and_knows_nothing():
